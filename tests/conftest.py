@@ -12,3 +12,20 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA} (../shared/data beside the checkout)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """Byte-level BPE tokenizer trained on the built-in demo set (grpo/tiny.py); about 0.2 s."""
+    from data.demo import demo_texts
+    from grpo.tiny import build_tokenizer
+    return build_tokenizer(demo_texts())
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A saved tiny Qwen2 model + tokenizer (grpo/tiny.py), loadable with from_pretrained.
+
+    Its generation_config.json holds Qwen2.5-Instruct's sampling defaults on purpose."""
+    from grpo.tiny import save_tiny_model
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_model"))

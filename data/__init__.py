@@ -1,0 +1,1 @@
+"""Data: files and the built-in demo set turned into chat prompts and ground truths."""
