@@ -1,0 +1,82 @@
+"""Checkpoints: an HF model directory plus the trainer state, written atomically.
+
+Layout of `output_dir/checkpoint-000040/`: model.safetensors, config.json, generation_config.json,
+tokenizer files (so `AutoModelForCausalLM.from_pretrained` loads it as-is), train_config.json, and
+trainer_state.pt (optimizer state, step, RNG states; the data position is the step itself, since the
+prompt order is a pure function of seed and step).
+
+A checkpoint is written under a temporary name and renamed when complete, so a run killed mid-write
+leaves only a `.tmp-*` directory, which resuming ignores and the next save removes. A checkpoint that
+fails to load is reported and skipped in favour of the one before it.
+"""
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+PREFIX = "checkpoint-"
+
+
+def rng_state() -> dict:
+    """Torch's CPU and CUDA generators: the only randomness training draws on (sampling)."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(output_dir: Path, step: int, model, tokenizer, optimizer, config_json: str,
+                    keep: int) -> Path:
+    """Write checkpoint-{step} atomically and keep only the newest `keep` checkpoints."""
+    final = output_dir / f"{PREFIX}{step:06d}"
+    tmp = output_dir / f".tmp-{PREFIX}{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "train_config.json").write_text(config_json)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state()}, tmp / "trainer_state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)                                  # the commit point: atomic on one filesystem
+    for old in list_checkpoints(output_dir)[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, newest first."""
+    if not output_dir.is_dir():
+        return []
+    return sorted((p for p in output_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX)), reverse=True)
+
+
+def load_trainer_state(checkpoint: Path) -> dict:
+    """The trainer state; raises if the checkpoint is incomplete or corrupt. Never unpickles code."""
+    for name in ("config.json", "model.safetensors", "trainer_state.pt", "train_config.json"):
+        if not (checkpoint / name).is_file():
+            raise FileNotFoundError(f"{checkpoint}: missing {name}")
+    json.loads((checkpoint / "config.json").read_text())
+    from safetensors import safe_open
+    with safe_open(checkpoint / "model.safetensors", framework="pt") as f:   # reads the header: catches truncation
+        for key in f.keys():
+            f.get_slice(key)
+    return torch.load(checkpoint / "trainer_state.pt", weights_only=True, map_location="cpu")
+
+
+def find_resumable(path: Path) -> tuple[Path, dict] | None:
+    """(checkpoint, trainer_state) for the newest loadable checkpoint at `path`, which may be an output
+    directory or one checkpoint; None when there is none. Unloadable ones are reported and skipped."""
+    candidates = [path] if path.name.startswith(PREFIX) else list_checkpoints(path)
+    for checkpoint in candidates:
+        try:
+            return checkpoint, load_trainer_state(checkpoint)
+        except Exception as e:  # any failure to read means: not usable, try the one before
+            print(f"skipping unusable checkpoint {checkpoint}: {type(e).__name__}: {e}")
+    return None

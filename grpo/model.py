@@ -1,0 +1,68 @@
+"""Loading models and tokenizers: a bare name resolves to its hub id, a directory loads as-is.
+
+Weights load from safetensors only (`use_safetensors=True`: a pickled `.bin` is refused, since unpickling
+runs code), and `trust_remote_code` stays off unless the user asks for it.
+"""
+import os
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+# Bare names that resolve to a hub organisation, e.g. "Qwen2.5-1.5B-Instruct" -> "Qwen/Qwen2.5-1.5B-Instruct".
+HUB_ORGS = {"Qwen": "Qwen", "Llama": "meta-llama"}
+
+
+def resolve_model_name(name: str) -> str:
+    """A local directory as given; "org/name" as given; a bare known family name gets its hub org."""
+    if os.path.isdir(name) or "/" in name:
+        return name
+    for prefix, org in HUB_ORGS.items():
+        if name.startswith(prefix):
+            return f"{org}/{name}"
+    raise ValueError(f"--model {name!r}: not a local directory, not a hub id 'org/name', and not a known "
+                     f"family ({', '.join(HUB_ORGS)}). Pass a path or a full hub id.")
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_name(name_or_path), trust_remote_code=trust_remote_code)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name_or_path: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
+               trust_remote_code: bool = False):
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_name(name_or_path), dtype=dtype,
+                                                 use_safetensors=True, trust_remote_code=trust_remote_code)
+    return model.to(device)
+
+
+def load_model_and_tokenizer(name_or_path: str, *, device: str = "cpu", dtype: torch.dtype | None = None,
+                             trust_remote_code: bool = False):
+    """(model, tokenizer) in eval mode; dtype defaults to bf16 on CUDA, float32 elsewhere."""
+    if dtype is None:
+        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    model = load_model(name_or_path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.eval(), load_tokenizer(name_or_path, trust_remote_code)
+
+
+def set_checkpointing(model, enabled: bool) -> None:
+    """Activation (gradient) checkpointing on or off; non-reentrant, which is safe under no_grad (trap 8).
+    transformers 5.x renamed gradient_checkpointing_* to activation_checkpointing_*; both are handled."""
+    if enabled:
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def is_checkpointing(model) -> bool:
+    if hasattr(model, "is_activation_checkpointing"):
+        return model.is_activation_checkpointing            # a property, like the older name
+    return model.is_gradient_checkpointing

@@ -1,0 +1,69 @@
+"""What a run writes: one fixed-format line per step, metrics.jsonl, samples.jsonl, a reward plot."""
+import json
+from pathlib import Path
+
+
+class StepLog:
+    """Appends to `metrics.jsonl` (one JSON object per step) and `samples.jsonl`.
+
+    On resume from step k, rows for steps after k (written before a crash, then lost with the weights)
+    are dropped, so the file always describes one consistent run.
+    """
+
+    def __init__(self, out: Path, max_steps: int, start_step: int = 0):
+        self.metrics_path, self.samples_path, self.max_steps = out / "metrics.jsonl", out / "samples.jsonl", max_steps
+        for path in (self.metrics_path, self.samples_path):
+            rows = read_jsonl(path)
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start_step))
+
+    def write(self, m: dict) -> None:
+        print(f"step {m['step']:>5}/{self.max_steps} | reward {m['reward']:7.3f} ± {m['reward_std']:5.2f} | "
+              f"format {m['rewards/format']:5.2f} | correct {m['rewards/correctness']:6.2f} | "
+              f"kl {m['kl']:.4f} | len {m['completion_length']:6.1f} | grad {m['grad_norm']:6.3f} | "
+              f"gen {m['time/generate']:5.1f}s upd {m['time/update']:5.1f}s | {m['tokens_per_second']:7.0f} tok/s",
+              flush=True)
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(m) + "\n")
+
+    def samples(self, step: int, completions: list[str], truths: list[str], scores: list[dict]) -> None:
+        with open(self.samples_path, "a") as f:
+            for completion, truth, score in zip(completions, truths, scores):
+                f.write(json.dumps({"step": step, "completion": completion, "ground_truth": truth, **score}) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSONL file; a last line cut off by a kill is ignored."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return rows
+
+
+def plot_rewards(out: Path) -> Path | None:
+    """reward_curves.png: total reward and its components against the step (needs matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (pip install matplotlib): no reward plot written")
+        return None
+    rows = read_jsonl(out / "metrics.jsonl")
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in ("reward", "rewards/format", "rewards/correctness", "rewards/length"):
+        if any(r.get(key) for r in rows):
+            ax.plot(steps, [r[key] for r in rows], label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean reward")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    path = out / "reward_curves.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path

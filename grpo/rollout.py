@@ -1,0 +1,172 @@
+"""Rollout: sample G completions per prompt with HF `generate`, and mark which tokens are the completion.
+
+Three traps that silently broke other GRPO implementations are handled here (GRPO_NOTES.md):
+- generating with gradient checkpointing on drops the KV cache in train() mode, and `generate` then
+  produces garbage with no error: `generation_mode` switches to eval(), checkpointing off, cache on,
+  and restores the model afterwards;
+- `generate` merges the model's own generation_config.json (Qwen2.5-Instruct: temperature 0.7,
+  top-p 0.8, top-k 20, repetition penalty 1.05) into whatever is passed: `sampling_config` sets every
+  knob, and the model's config is swapped out for ours while generating;
+- when pad == EOS, masks built from `ids != pad` drop the final EOS (the model never learns to stop):
+  `completion_mask` runs from the first generated token through the first EOS of any EOS id.
+
+Notation: B prompts, G completions per prompt, N = B * G sequences (prompt-major), P prompt tokens
+(left-padded), T completion tokens (right-padded).
+"""
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+from transformers import GenerationConfig
+
+from grpo.model import is_checkpointing, set_checkpointing
+
+
+@dataclass
+class Rollout:
+    """A batch of sampled sequences. Data contract: row i is completion i % G of prompt i // G."""
+    input_ids: torch.Tensor        # (N, P + T) long: [left-padded prompt | completion, right-padded]
+    attention_mask: torch.Tensor   # (N, P + T) long: 1 on real prompt tokens and on completion tokens through EOS
+    completion_mask: torch.Tensor  # (N, T) bool: first generated token through the first EOS, inclusive
+    truncated: torch.Tensor        # (N,) bool: no EOS within max_new_tokens
+
+    @property
+    def completion_ids(self) -> torch.Tensor:
+        return self.input_ids[:, -self.completion_mask.shape[1]:]           # (N, T)
+
+    def select(self, rows: slice) -> "Rollout":
+        """Rows `rows`, minus the columns that are padding in all of them (left of the longest prompt,
+        right of the longest completion): a micro-batch pays only for its own lengths.
+        Completion column t stays column t, so (N, T) tensors align after `[rows, :T']`."""
+        T = self.completion_mask.shape[1]
+        attn, comp = self.attention_mask[rows], self.completion_mask[rows]
+        prompt_real = attn[:, :-T].any(dim=0).nonzero()
+        first = int(prompt_real.min()) if len(prompt_real) else attn.shape[1] - T - 1
+        comp_real = comp.any(dim=0).nonzero()
+        t = int(comp_real.max()) + 1 if len(comp_real) else 1
+        end = attn.shape[1] - T + t
+        return Rollout(self.input_ids[rows, first:end], attn[:, first:end], comp[:, :t], self.truncated[rows])
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask from the first generated token through the first EOS (any of eos_ids), never from pad ids.
+
+    completion_ids: (N, T).  Returns mask (N, T) bool and truncated (N,) bool (no EOS: every token kept).
+    """
+    T = completion_ids.shape[1]
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))   # (N, T)
+    truncated = ~is_eos.any(dim=1)                                                                # (N,)
+    first_eos = torch.where(truncated, T, is_eos.int().argmax(dim=1))                           # (N,)
+    mask = torch.arange(T, device=completion_ids.device)[None, :] <= first_eos[:, None]         # (N, T)
+    return mask, truncated
+
+
+def sampling_config(temperature: float, max_new_tokens: int, eos_ids: list[int], pad_id: int) -> GenerationConfig:
+    """Every sampling knob set explicitly; temperature 0 means greedy."""
+    return GenerationConfig(
+        do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0,
+        top_p=1.0, top_k=0, min_p=None, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+        max_new_tokens=max_new_tokens, min_new_tokens=0, eos_token_id=list(eos_ids), pad_token_id=pad_id,
+        use_cache=True, num_beams=1)
+
+
+@contextmanager
+def generation_mode(model, config: GenerationConfig):
+    """eval(), gradient checkpointing off, our generation config in place; all restored on exit."""
+    was_training, had_checkpointing = model.training, is_checkpointing(model)
+    saved_config = model.generation_config
+    model.eval()
+    if had_checkpointing:
+        set_checkpointing(model, False)
+    model.generation_config = config
+    try:
+        yield
+    finally:
+        model.generation_config = saved_config
+        if had_checkpointing:
+            set_checkpointing(model, True)
+        model.train(was_training)
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask), both (len(sequences), max_len), padded on the left."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def _right_pad(x: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+
+@torch.no_grad()
+def generate_rollout(model, prompts: list[list[int]], *, num_generations: int, max_new_tokens: int,
+                     temperature: float, eos_ids: list[int], pad_id: int, batch_size: int) -> Rollout:
+    """Sample `num_generations` completions for each prompt (token ids), `batch_size` sequences per
+    `generate` call. On CUDA out-of-memory the sub-batch is halved and the call retried."""
+    G, device = num_generations, next(model.parameters()).device
+    config = sampling_config(temperature, max_new_tokens, eos_ids, pad_id)
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id)                      # (B, P)
+    P = prompt_ids.shape[1]
+    prompts_per_call = max(1, batch_size // G)
+    outputs, start = [], 0
+    bar = tqdm(total=len(prompts) * G, desc="generate", leave=False)
+    with generation_mode(model, config):
+        while start < len(prompts):
+            ids = prompt_ids[start:start + prompts_per_call].to(device)
+            mask = prompt_mask[start:start + prompts_per_call].to(device)
+            try:
+                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                                     num_return_sequences=G)                # (b * G, P + t), prompt-major
+            except torch.OutOfMemoryError:
+                if prompts_per_call == 1:
+                    raise
+                prompts_per_call //= 2
+                torch.cuda.empty_cache()
+                print(f"out of memory in generation: retrying with {prompts_per_call * G} sequences per call")
+                continue
+            outputs.append(out[:, P:])
+            start += prompts_per_call
+            bar.update(len(out))
+    bar.close()
+    T = max(o.shape[1] for o in outputs)
+    completion_ids = torch.cat([_right_pad(o, T, pad_id) for o in outputs])  # (N, T)
+    comp_mask, truncated = completion_mask(completion_ids, eos_ids)          # (N, T), (N,)
+    input_ids = torch.cat([prompt_ids.to(device).repeat_interleave(G, dim=0), completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask.to(device).repeat_interleave(G, dim=0), comp_mask.long()], dim=1)
+    return Rollout(input_ids, attention_mask, comp_mask, truncated)
+
+
+def decode_completions(tokenizer, rollout: Rollout) -> list[str]:
+    """Completion text of each row, special tokens (EOS) removed, nothing after the first EOS."""
+    ids = rollout.completion_ids.tolist()
+    lengths = rollout.completion_mask.sum(dim=1).tolist()
+    return tokenizer.batch_decode([row[:n] for row, n in zip(ids, lengths)], skip_special_tokens=True)
+
+
+def generate_text(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int,
+                  temperature: float = 0.0) -> list[str]:
+    """One completion per prompt (greedy when temperature is 0), decoded without special tokens."""
+    rollout = generate_rollout(model, prompts, num_generations=1, max_new_tokens=max_new_tokens,
+                               temperature=temperature, eos_ids=eos_token_ids(model, tokenizer),
+                               pad_id=pad_token_id(tokenizer), batch_size=batch_size)
+    return decode_completions(tokenizer, rollout)
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a turn: the model's generation config (Qwen2.5: <|im_end|> and <|endoftext|>),
+    its config, and the tokenizer's EOS."""
+    ids = []
+    for source in (model.generation_config.eos_token_id, model.config.eos_token_id, tokenizer.eos_token_id):
+        ids += source if isinstance(source, list) else [source]
+    return sorted({i for i in ids if i is not None})
+
+
+def pad_token_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
