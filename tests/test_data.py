@@ -1,0 +1,309 @@
+"""data/: loading every layout, the ToolRL split, the demo set, prompt building and row checks."""
+import io
+import json
+import random
+import sys
+import urllib.error
+
+import numpy as np
+import pytest
+
+from data import Example, build_prompts, load_examples
+from data.demo import NUM_TEST, NUM_TRAIN, demo_rows
+from data.formats import ground_truth_calls
+from data.loaders import toolrl_split_indices
+
+CALL = '{"name": "get_weather", "parameters": {"city": "Lima"}}'
+GOOD_OUTPUT = f"<think> I should call get_weather. </think>\n<tool_call>\n{CALL}\n</tool_call>"
+
+
+def toolrl_row(i: int, output: str = GOOD_OUTPUT) -> dict:
+    return {"instruction": "You can call get_weather.", "input": f"<user> request {i} </user>", "output": output}
+
+
+def write_json(path, rows):
+    path.write_text(json.dumps(rows))
+    return str(path)
+
+
+# ---------------------------------------------------------------- the shared real files
+
+@pytest.mark.parametrize("name, rows", [
+    ("toolrl/rlla_sft.json", 400),
+    ("toolrl/rlla_4k_test.parquet", 80),
+    ("apibank/level-1-api_processed.json", 399),
+    ("apibank/level-2-api_processed.json", 67),
+    ("apibank/level-3-api_processed.json", 131),
+])
+def test_shared_file_row_counts(shared_data, name, rows):
+    # every row passes the checks, including the 17 SFT rows whose thought quotes <tool_call>
+    if name.endswith(".parquet"):
+        pytest.importorskip("pyarrow")
+    examples = load_examples(str(shared_data / name))
+    assert len(examples) == rows
+    assert len({e.id for e in examples}) == rows
+    assert all([m["role"] for m in e.messages] == ["system", "user"] for e in examples)
+
+
+def test_toolrl_raw_field_mapping(shared_data):
+    path = shared_data / "toolrl" / "rlla_sft.json"
+    raw = json.loads(path.read_text())
+    examples = load_examples(str(path))
+    for i in (0, 10, 399):  # row 10 is one whose thought mentions the literal <tool_call> tag
+        assert examples[i] == Example(
+            id=f"rlla_sft-{i}",
+            messages=[{"role": "system", "content": raw[i]["instruction"]},
+                      {"role": "user", "content": raw[i]["input"]}],
+            ground_truth=raw[i]["output"])
+    assert ground_truth_calls(examples[10].ground_truth)[0] == {
+        "name": "RSI Overbought Stocks", "parameters": {"page": "1"}}
+
+
+def test_verl_parquet_field_mapping(shared_data):
+    pd = pytest.importorskip("pandas")
+    path = shared_data / "toolrl" / "rlla_4k_test.parquet"
+    frame = pd.read_parquet(path)
+    examples = load_examples(str(path))
+    for i in (0, 5, 79):
+        row = frame.iloc[i]
+        assert examples[i].id == f"rlla_4k_test-{i}"
+        assert examples[i].messages == [dict(m) for m in row["prompt"]]
+        assert examples[i].ground_truth == row["reward_model"]["ground_truth"]
+        assert examples[i].gold is None
+    assert sum("<tool_call>" not in e.ground_truth for e in examples) == 9  # response-only targets
+
+
+def test_apibank_field_mapping(shared_data):
+    folder = shared_data / "apibank"
+    level1 = json.loads((folder / "level-1-api_processed.json").read_text())
+    example = load_examples(str(folder / "level-1-api_processed.json"))[0]
+    assert example.messages == [{"role": "system", "content": level1[0]["system"]},
+                                {"role": "user", "content": level1[0]["user"]}]
+    gold = {"name": "ModifyRegistration", "parameters": {
+        "appointment_id": "34567890", "new_appointment_date": "2023-03-26", "new_appointment_doctor": "Dr. Lee"}}
+    assert example.gold == gold  # `answer` was a one-element list in level 1
+    assert example.ground_truth == (
+        "<think> I should use the appropriate tool with proper parameters to respond to the user's need. </think>\n"
+        "<tool_call>\n"
+        '{"name": "ModifyRegistration", "parameters": {"appointment_id": "34567890", '
+        '"new_appointment_date": "2023-03-26", "new_appointment_doctor": "Dr. Lee"}}\n'
+        "</tool_call>")
+    assert example.meta["level"] == 1 and example.id == "level-1-api_processed-0"
+    level2 = load_examples(str(folder / "level-2-api_processed.json"))[0]  # `answer` is a dict here
+    assert level2.gold == {"name": "SymptomSearch", "parameters": {"symptom": "rash"}}
+    assert level2.meta["level"] == 2
+
+
+# ---------------------------------------------------------------- the ToolRL split
+
+def test_toolrl_split_matches_the_recipe(tmp_path):
+    rows = [toolrl_row(i) for i in range(250)]
+    path = write_json(tmp_path / "rlla_rl.json", rows)
+    state = np.random.get_state()
+    train, test = load_examples(path, split="train"), load_examples(path, split="test")
+    assert np.array_equal(np.random.get_state()[1], state[1])  # the global RNG was not used
+
+    # ToolRL's script, re-run independently: shuffle the list of rows itself with the global RNG
+    recipe = [dict(r) for r in rows]
+    np.random.seed(31415)
+    np.random.shuffle(recipe)
+    num_test = int(0.02 * 250)  # = 5
+    assert [e.messages[1]["content"] for e in test] == [r["input"] for r in recipe[-num_test:]]
+    assert [e.messages[1]["content"] for e in train] == [r["input"] for r in recipe[:-num_test]]
+    assert [e.id for e in test] == [f"rlla_rl-{rows.index(r)}" for r in recipe[-num_test:]]
+
+
+def test_toolrl_split_sizes_of_the_paper():
+    train, test = toolrl_split_indices(4000, "train"), toolrl_split_indices(4000, "test")
+    assert (len(train), len(test)) == (3920, 80)
+    assert sorted(train + test) == list(range(4000))
+
+
+def test_split_only_where_the_source_has_one(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}], "ground_truth": GOOD_OUTPUT}))
+    with pytest.raises(ValueError, match="holds one split already"):
+        load_examples(str(path), split="train")
+    with pytest.raises(ValueError, match="split must be None, 'train' or 'test'"):
+        load_examples("demo", split="valid")
+
+
+def test_toolrl_offline_fails_at_once_with_a_way_out(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRPO_CACHE", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr("urllib.request.urlopen", offline)
+    with pytest.raises(RuntimeError, match=r"load_examples\('path/to/rlla_rl.json', split='train'\)"):
+        load_examples("toolrl", split="train")
+    assert list(tmp_path.iterdir()) == []  # no partial file left in the cache
+
+
+class FakeResponse(io.BytesIO):
+    headers = {}
+
+
+def test_toolrl_download_is_cached_and_checked(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRPO_CACHE", str(tmp_path))
+    monkeypatch.setattr("urllib.request.urlopen", lambda *a, **k: FakeResponse(b'[{"instruction": "x", "inp'))
+    with pytest.raises(RuntimeError, match="could not download"):  # a truncated download
+        load_examples("toolrl")
+    assert list(tmp_path.iterdir()) == []
+
+    body = json.dumps([toolrl_row(i) for i in range(100)]).encode()
+    monkeypatch.setattr("urllib.request.urlopen", lambda *a, **k: FakeResponse(body))
+    assert len(load_examples("toolrl", split="test")) == 2
+    monkeypatch.setattr("urllib.request.urlopen", None)  # second call reads the cache only
+    assert len(load_examples("toolrl", split="train")) == 98
+    assert [p.name for p in tmp_path.iterdir()] == ["rlla_rl.json"]
+
+
+# ---------------------------------------------------------------- the demo set
+
+def test_demo_is_deterministic_and_leaves_global_rng_alone():
+    random.seed(5)
+    expected = random.random()
+    random.seed(5)
+    first, second = load_examples("demo", split="train"), load_examples("demo", split="train")
+    assert random.random() == expected
+    assert first == second
+    assert demo_rows("train", seed=1) != demo_rows("train", seed=0)
+
+
+def test_demo_splits_and_mix_of_rows():
+    train, test = load_examples("demo", split="train"), load_examples("demo", split="test")
+    assert (len(train), len(test)) == (NUM_TRAIN, NUM_TEST)
+    assert load_examples("demo") == train + test
+    prompts = lambda examples: {(e.messages[0]["content"], e.messages[1]["content"]) for e in examples}
+    assert not prompts(train) & prompts(test)
+    calls_per_row = [len(ground_truth_calls(e.ground_truth)) for e in train]
+    assert {0, 1, 2} == set(calls_per_row)
+    assert all("<response>" in e.ground_truth for e, n in zip(train, calls_per_row) if n == 0)
+
+
+def test_demo_values_are_copied_from_the_request():
+    # the contract that makes the demo learnable: every argument appears verbatim in the request
+    for row in demo_rows("train") + demo_rows("test"):
+        for call in row["calls"]:
+            assert call["name"] in row["system"]
+            for value in call["parameters"].values():
+                assert str(value) in row["user"], (value, row["user"])
+
+
+# ---------------------------------------------------------------- prompts
+
+def test_build_prompts_truncates_from_the_left(tiny_tokenizer):
+    examples = load_examples("demo", split="test")
+    full, none_cut = build_prompts(tiny_tokenizer, examples, max_prompt_tokens=100_000)
+    assert none_cut == 0
+    text = tiny_tokenizer.apply_chat_template(examples[0].messages, tokenize=False, add_generation_prompt=True)
+    assert tiny_tokenizer.decode(full[0]) == text
+
+    limit = sorted(len(ids) for ids in full)[len(full) // 2]  # the median: about half get cut
+    cut, num_cut = build_prompts(tiny_tokenizer, examples, max_prompt_tokens=limit)
+    assert num_cut == sum(len(ids) > limit for ids in full) > 0
+    for short, long in zip(cut, full):
+        assert short == long[-limit:]  # the END survives: user turn and assistant header
+    longest = max(range(len(full)), key=lambda i: len(full[i]))
+    assert tiny_tokenizer.decode(cut[longest]).endswith(examples[longest].messages[1]["content"]
+                                                        + "<|im_end|>\n<|im_start|>assistant\n")
+
+
+# ---------------------------------------------------------------- row checks and errors
+
+BAD_TOOLRL_ROWS = [
+    ({"instruction": "sys", "output": GOOD_OUTPUT}, "field 'input' must be a non-empty string"),
+    ({"instruction": "sys", "input": 3, "output": GOOD_OUTPUT}, "field 'input' must be a non-empty string"),
+    (toolrl_row(0, "<think> hm </think>"), "neither a <tool_call> block nor a <response>"),
+    (toolrl_row(0, "<think> x </think>\n<tool_call>\n{'name': 'a'}\n</tool_call>"), "line 1 of the <tool_call> block is not JSON"),
+    (toolrl_row(0, f"<think> x </think>\n<tool_call>\n{CALL}\n{{\"parameters\": {{}}}}\n</tool_call>"),
+     "line 2 of the <tool_call> block is not"),
+    (toolrl_row(0, '<think> x </think>\n<tool_call>\n{"name": "a", "parameters": [1]}\n</tool_call>'),
+     'line 1 of the <tool_call> block is not {"name": str, "parameters": dict}'),
+    (toolrl_row(0, "<think> x </think>\n<tool_call>\n</tool_call>"), "the <tool_call> block is empty"),
+    (toolrl_row(0, f"<think> x </think>\n<tool_call>\n{CALL}\n"), "never closed by </tool_call>"),
+]
+
+
+@pytest.mark.parametrize("bad_row, reason", BAD_TOOLRL_ROWS)
+def test_bad_toolrl_row_names_file_row_and_reason(tmp_path, bad_row, reason):
+    rows = [toolrl_row(0), toolrl_row(1), bad_row, toolrl_row(3)]
+    path = write_json(tmp_path / "mine.json", rows)
+    with pytest.raises(ValueError) as error:
+        load_examples(path)
+    message = str(error.value)
+    assert path in message and "row 2:" in message and reason in message
+
+
+def test_tag_quoted_in_the_thought_reads_the_last_block(tmp_path):
+    output = f"<think> I will write the <tool_call> tags last. </think>\n<tool_call>\n{CALL}\n</tool_call>"
+    examples = load_examples(write_json(tmp_path / "mine.json", [toolrl_row(0, output)]))
+    assert ground_truth_calls(examples[0].ground_truth) == [json.loads(CALL)]
+
+
+@pytest.mark.parametrize("row, reason", [
+    ({"system": "s", "user": "u", "answer": [json.loads(CALL)] * 2}, "exactly one gold call, got a list of 2"),
+    ({"system": "s", "user": "u", "answer": {"name": "a"}}, "field 'answer' must be {'name': str, 'parameters': dict}"),
+    ({"system": "s", "answer": json.loads(CALL)}, "field 'user' must be a non-empty string"),
+])
+def test_bad_apibank_row(tmp_path, row, reason):
+    path = write_json(tmp_path / "level-2-api_processed.json", [{"system": "s", "user": "u", "answer": json.loads(CALL)}, row])
+    with pytest.raises(ValueError, match="row 1: ") as error:
+        load_examples(path)
+    assert path in str(error.value) and reason in str(error.value)
+
+
+@pytest.mark.parametrize("row, reason", [
+    ({"messages": [{"role": "user", "content": "hi"}]}, "ground truth must be a non-empty string"),
+    ({"messages": [], "ground_truth": GOOD_OUTPUT}, "messages must be a non-empty list"),
+    ({"messages": [{"role": "robot", "content": "hi"}], "ground_truth": GOOD_OUTPUT}, "message 0 must be"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}],
+      "ground_truth": GOOD_OUTPUT}, "the last message must be the user's"),
+    ([1, 2], "each line must be a JSON object"),
+])
+def test_bad_jsonl_row(tmp_path, row, reason):
+    good = {"id": "mine-a", "messages": [{"role": "user", "content": "hi"}], "ground_truth": GOOD_OUTPUT}
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps(good) + "\n\n" + json.dumps(row) + "\n")
+    with pytest.raises(ValueError) as error:
+        load_examples(str(path))
+    assert str(path) in str(error.value) and "row 1: " in str(error.value) and reason in str(error.value)
+    good_only = tmp_path / "good.jsonl"
+    good_only.write_text(json.dumps(good) + "\n" + json.dumps({**good, "id": None}) + "\n")
+    assert [e.id for e in load_examples(str(good_only))] == ["mine-a", "good-1"]
+
+
+def test_skip_bad_rows_drops_and_reports(tmp_path, capsys):
+    rows = [toolrl_row(0), BAD_TOOLRL_ROWS[0][0], toolrl_row(2), BAD_TOOLRL_ROWS[2][0]]
+    path = write_json(tmp_path / "mine.json", rows)
+    examples = load_examples(path, skip_bad_rows=True)
+    assert [e.id for e in examples] == ["mine-0", "mine-2"]
+    printed = capsys.readouterr().out
+    assert "skipped 2 bad row(s) of 4" in printed and path in printed
+    assert "row 1: field 'input'" in printed and "row 3: ground truth has neither" in printed
+
+
+def test_missing_pandas_names_the_pip_command(tmp_path, monkeypatch):
+    path = tmp_path / "rows.parquet"
+    path.write_bytes(b"PAR1")  # never read: the import fails first
+    monkeypatch.setitem(sys.modules, "pandas", None)  # makes `import pandas` raise ImportError
+    with pytest.raises(ImportError, match="pip install pandas pyarrow"):
+        load_examples(str(path))
+
+
+def test_unknown_formats_and_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no data file at .*'toolrl' or 'demo'"):
+        load_examples(str(tmp_path / "absent.json"))
+    with pytest.raises(FileNotFoundError, match="no data file"):
+        load_examples("not_a_known_name")
+    (tmp_path / "data.csv").write_text("a,b\n")
+    with pytest.raises(ValueError, match="unknown data format .*data.csv"):
+        load_examples(str(tmp_path / "data.csv"))
+    with pytest.raises(ValueError, match=r"unknown data format .*keys \['answer', 'question'\]"):
+        load_examples(write_json(tmp_path / "qa.json", [{"question": "q", "answer": "a"}]))
+    (tmp_path / "broken.json").write_text('[{"instruction": ')
+    with pytest.raises(ValueError, match="broken.json is not valid JSON"):
+        load_examples(str(tmp_path / "broken.json"))
+    (tmp_path / "broken.parquet").write_text("not parquet")
+    with pytest.raises(ValueError, match="could not read .*broken.parquet as parquet"):
+        load_examples(str(tmp_path / "broken.parquet"))
