@@ -47,46 +47,48 @@ class BadRow(ValueError):
 
 # ---------------------------------------------------------------- checks shared by all layouts
 
-def parse_call_block(block: str) -> list[dict]:
-    """The calls in one `<tool_call>` block: one JSON object per line, each with a string `name`
-    and a dict `parameters` (the contract ToolRL's reward code parses ground truths with)."""
-    lines = block.strip().split("\n")
+def call_block_lines(segment: str) -> list:
+    """The JSON values of one `<tool_call>` block, one per line. `segment` is the text after a
+    `<tool_call>` tag up to the next one; the block is its part before any `</tool_call>`."""
+    lines = segment.partition("</tool_call>")[0].strip().split("\n")
     if lines == [""]:
         raise BadRow("the <tool_call> block is empty")
-    calls = []
+    values = []
     for number, line in enumerate(lines, start=1):
         try:
-            call = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise BadRow(f"line {number} of the <tool_call> block is not JSON ({e.msg}): {line[:80]!r}") from None
-        if not isinstance(call, dict) or not isinstance(call.get("name"), str) \
-                or not isinstance(call.get("parameters"), dict):
-            raise BadRow(f"line {number} of the <tool_call> block is not "
-                         f'{{"name": str, "parameters": dict}}: {line[:80]!r}')
-        calls.append(call)
-    return calls
+            values.append(json.loads(line))
+        except (json.JSONDecodeError, RecursionError) as e:
+            reason = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+            raise BadRow(f"line {number} of the <tool_call> block is not JSON ({reason}): {line[:80]!r}") from None
+    return values
 
 
 def ground_truth_calls(text: str) -> list[dict]:
     """The calls of a ground truth; [] when it has no `<tool_call>` (a response-only target).
 
-    Some distilled thoughts mention the literal tag `<tool_call>` (17 rows of rlla_sft.json), so
-    the first `<tool_call>` ... `</tool_call>` span may not be the real block. As the reward
-    module does, read the first block, and if it does not parse, the last one.
+    The contract ToolRL's reward code reads ground truths with: one JSON object per line of the
+    `<tool_call>` block, each with a string `name` and a dict `parameters`. Some distilled
+    thoughts mention the literal tag `<tool_call>` (17 rows of rlla_sft.json), so the first tag
+    may not open the real block: as the reward module (rewards/toolrl.py) does, read the first
+    block, and if it is not JSON lines, the last one.
     """
-    starts = text.split("<tool_call>")[1:]
-    if not starts:
+    segments = text.split("<tool_call>")[1:]
+    if not segments:
         return []
-    blocks = [start.split("</tool_call>")[0] if "</tool_call>" in start else None
-              for start in (starts[0], starts[-1])]
+    if "</tool_call>" not in segments[-1]:
+        raise BadRow("the last <tool_call> is not closed by </tool_call>")
     try:
-        if blocks[0] is None:
-            raise BadRow("<tool_call> is never closed by </tool_call>")
-        return parse_call_block(blocks[0])
+        values = call_block_lines(segments[0])
     except BadRow:
-        if len(starts) == 1 or blocks[1] is None:
+        if len(segments) == 1:
             raise
-        return parse_call_block(blocks[1])
+        values = call_block_lines(segments[-1])
+    for number, call in enumerate(values, start=1):
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str) \
+                or not isinstance(call.get("parameters"), dict):
+            raise BadRow(f"line {number} of the <tool_call> block is not "
+                         f'{{"name": str, "parameters": dict}}: {json.dumps(call)[:80]!r}')
+    return values
 
 
 def check_ground_truth(text) -> str:

@@ -221,7 +221,7 @@ BAD_TOOLRL_ROWS = [
     (toolrl_row(0, '<think> x </think>\n<tool_call>\n{"name": "a", "parameters": [1]}\n</tool_call>'),
      'line 1 of the <tool_call> block is not {"name": str, "parameters": dict}'),
     (toolrl_row(0, "<think> x </think>\n<tool_call>\n</tool_call>"), "the <tool_call> block is empty"),
-    (toolrl_row(0, f"<think> x </think>\n<tool_call>\n{CALL}\n"), "never closed by </tool_call>"),
+    (toolrl_row(0, f"<think> x </think>\n<tool_call>\n{CALL}\n"), "the last <tool_call> is not closed by </tool_call>"),
 ]
 
 
@@ -239,6 +239,11 @@ def test_tag_quoted_in_the_thought_reads_the_last_block(tmp_path):
     output = f"<think> I will write the <tool_call> tags last. </think>\n<tool_call>\n{CALL}\n</tool_call>"
     examples = load_examples(write_json(tmp_path / "mine.json", [toolrl_row(0, output)]))
     assert ground_truth_calls(examples[0].ground_truth) == [json.loads(CALL)]
+    # only a block that is not JSON falls back to the last one, as in rewards/toolrl.py: a first
+    # block of JSON lines that are not calls is an error, not a reason to look further
+    wrong = f'<think> x </think>\n<tool_call>\n{{"name": 1, "parameters": {{}}}}\n<tool_call>\n{CALL}\n</tool_call>'
+    with pytest.raises(ValueError, match="row 0: line 1 of the <tool_call> block is not {"):
+        load_examples(write_json(tmp_path / "wrong.json", [toolrl_row(0, wrong)]))
 
 
 @pytest.mark.parametrize("row, reason", [
