@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from data.demo import demo_rows
-from data.formats import BadRow, Example, chat, from_apibank, from_jsonl, from_toolrl, from_verl
+from data.formats import (BadRow, Example, chat, check_ground_truth, from_apibank, from_jsonl, from_toolrl,
+                          from_verl)
 
 TOOLRL_URL = "https://raw.githubusercontent.com/qiancheng0/ToolRL/main/dataset/rlla_4k_raw/rlla_rl.json"
 TOOLRL_SPLIT_SEED = 31415
@@ -102,7 +103,7 @@ def apibank_level(path: Path) -> int | None:
 
 def demo_examples(split: str | None) -> list[Example]:
     splits = SPLITS if split is None else (split,)
-    return [Example(f"demo-{name}-{i}", chat(row["system"], row["user"]), row["ground_truth"],
+    return [Example(f"demo-{name}-{i}", chat(row["system"], row["user"]), check_ground_truth(row["ground_truth"]),
                     meta={"num_calls": len(row["calls"])})
             for name in splits for i, row in enumerate(demo_rows(name))]
 
