@@ -1,0 +1,281 @@
+"""Evaluate models side by side on the ToolRL paper's benchmarks (Qian et al. 2025, Tables 1-3).
+
+    python eval.py --model Qwen2.5-1.5B-Instruct --model runs/grpo/checkpoint-000105 \\
+        --benchmarks toolrl,apibank,bfcl --output_dir eval_out [--limit 20]
+
+Each model (a hub id, a bare "Qwen2.5-..." name, a local directory or a train.py checkpoint) answers
+every item greedily; the answers are scored, and a table of models x metrics is printed and written.
+
+  toolrl   the ToolRL held-out split (80 rows): mean reward and its terms (rewards/toolrl.py, the
+           paper's default reward), format accuracy (format term at its maximum) and exact match
+           (correctness at its maximum: the gold calls, in any order), over the rows whose target
+           makes calls.
+  apibank  API-Bank levels 1-3 (399 / 67 / 131 rows) with the paper's protocol (rewards/apibank.py):
+           accuracy per level and overall = correct / 597.
+  bfcl     BFCL's single-turn categories (data/bfcl.py, prompted as the paper's BFCL handler did),
+           scored by BFCL's AST rules (rewards/bfcl.py): accuracy per category and the
+           leaderboard's summary columns. BFCL's overall score also needs its multi-turn and
+           agentic sets, which are not run here.
+  Bamboogle is left out: it needs live web search and a GPT-4o judge.
+
+Output, under output_dir:
+  summary.json, summary.md                   every metric of every model and benchmark
+  <model>/<benchmark>/predictions.jsonl      one row per item: id, category (BFCL) or level (API-Bank),
+                                             raw output, parsed calls, correct, and the benchmark's details
+`--rescore` re-scores those files in place without loading any model (e.g. after a scorer fix).
+"""
+import dataclasses
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import torch
+from tqdm import tqdm
+
+from data import build_prompts, load_examples
+from data.bfcl import CATEGORIES as BFCL_CATEGORIES
+from data.bfcl import load_category
+from data.formats import ground_truth_calls
+from grpo.cli import config_json, field, parse_config
+from grpo.model import load_model_and_tokenizer
+from grpo.rollout import generate_text
+from rewards import RewardConfig, toolrl_reward
+from rewards import apibank, bfcl
+from rewards.toolrl import SCALES
+
+REPO = Path(__file__).resolve().parent
+SHARED_DATA = REPO.parent / "shared" / "data"  # where the project's test data sits beside a checkout
+
+
+@dataclass
+class EvalConfig:
+    """Evaluate models side by side on the ToolRL paper's benchmarks (toolrl, apibank, bfcl)."""
+
+    model: list[str] = field([], "model to evaluate: hub id, bare Qwen2.5/Llama name, local dir or "
+                                 "train.py checkpoint; repeat the flag for several", multiple=True)
+    benchmarks: str = field("toolrl,apibank,bfcl", "comma-separated benchmarks: toolrl, apibank, bfcl")
+    output_dir: str = field("eval_out", "where summary.json, summary.md and the predictions go")
+    limit: int = field(0, "first N items of the toolrl set, of each API-Bank level, of each BFCL category; 0 = all")
+    toolrl_data: str = field("", "ToolRL held-out file (.parquet/.json/.jsonl); empty: "
+                                 "../shared/data/toolrl/rlla_4k_test.parquet if present, else the test "
+                                 "split of the ToolRL download")
+    apibank_dir: str = field("", "folder with level-{1,2,3}-api_processed.json (ToolRL's processed "
+                                 "API-Bank); empty: ../shared/data/apibank")
+    bfcl_dir: str = field("", "folder with BFCL_v*_<category>.json and possible_answer/; empty: the data "
+                              "inside the bfcl-eval package (pip install --no-deps bfcl-eval)")
+    bfcl_categories: str = field(",".join(BFCL_CATEGORIES), "comma-separated BFCL categories")
+    max_new_tokens: int = field(1024, "generation cap per answer (the paper's vLLM runs allowed up to 4096)")
+    max_prompt_tokens: int = field(8192, "longer prompts are cut from the left (counted and reported)")
+    batch_size: int = field(16, "prompts per generate call; prompts are sorted by length to limit padding")
+    device: str = field("auto", "cuda, cpu or auto (cuda when available)")
+    trust_remote_code: bool = field(False, "let transformers run code shipped with the model")
+    rescore: bool = field(False, "re-score existing predictions.jsonl files instead of generating")
+
+
+# ---------------------------------------------------------------- benchmarks: load, score, summarize
+# Every item has .id and .messages ([system, user]); score(item, output) -> one predictions.jsonl row.
+
+def load_toolrl(config: EvalConfig) -> list:
+    default = SHARED_DATA / "toolrl" / "rlla_4k_test.parquet"
+    if config.toolrl_data:
+        examples = load_examples(config.toolrl_data)
+    elif default.is_file():
+        examples = load_examples(str(default))
+    else:
+        examples = load_examples("toolrl", split="test")
+    return examples[:config.limit or None]
+
+
+def score_toolrl(example, output: str) -> dict:
+    reward = toolrl_reward(output, example.ground_truth)  # the paper's reward, step 0
+    (_, format_max), (_, correctness_max) = SCALES[RewardConfig().scale](0)
+    # exact match is defined for targets that make calls (71 of the 80); None for response-only ones
+    exact = reward["correctness"] == correctness_max if "<tool_call>" in example.ground_truth else None
+    return {"id": example.id, "output": output, "calls": readable_calls(output), "correct": exact,
+            "format_ok": reward["format"] == format_max, **reward}
+
+
+def readable_calls(output: str) -> list[dict] | None:
+    """For the predictions file: the output's calls, None when they do not parse (the reward then
+    gives its minimum correctness)."""
+    try:
+        return ground_truth_calls(output)
+    except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than Python's limit
+        return None
+
+
+def summarize_toolrl(rows: list[dict]) -> dict:
+    def mean(key):
+        values = [float(r[key]) for r in rows if r[key] is not None]
+        return sum(values) / len(values) if values else float("nan")
+    return {"reward": mean("total"), "format_reward": mean("format"), "correctness_reward": mean("correctness"),
+            "format_accuracy": mean("format_ok"), "exact_match": mean("correct")}
+
+
+def load_apibank(config: EvalConfig) -> list:
+    folder = Path(config.apibank_dir) if config.apibank_dir else SHARED_DATA / "apibank"
+    return [example for level in apibank.LEVELS
+            for example in load_examples(str(folder / f"level-{level}-api_processed.json"))[:config.limit or None]]
+
+
+def score_apibank(example, output: str) -> dict:
+    result = apibank.score_output(output, example.gold)
+    return {"id": example.id, "level": example.meta["level"], "output": output, **result}
+
+
+def summarize_apibank(rows: list[dict]) -> dict:
+    return apibank.summarize(group_counts(rows, "level"))
+
+
+def load_bfcl(config: EvalConfig) -> list:
+    return [item for category in config.bfcl_categories.split(",")
+            for item in load_category(category.strip(), config.bfcl_dir or None, config.limit or None)]
+
+
+def score_bfcl(item, output: str) -> dict:
+    result = bfcl.score_output(output, item.category, item.functions, item.answers)
+    return {"id": item.id, "category": item.category, "output": output, **result}
+
+
+def summarize_bfcl(rows: list[dict]) -> dict:
+    return bfcl.summarize(group_counts(rows, "category"))
+
+
+def group_counts(rows: list[dict], key: str) -> dict:
+    """{row[key]: (correct, total)}, groups in order of first appearance."""
+    counts = {}
+    for row in rows:
+        ok, n = counts.get(row[key], (0, 0))
+        counts[row[key]] = (ok + bool(row["correct"]), n + 1)
+    return counts
+
+
+class Benchmark(NamedTuple):
+    load: Callable[[EvalConfig], list]
+    score: Callable[[object, str], dict]
+    summarize: Callable[[list[dict]], dict]
+
+
+BENCHMARKS = {"toolrl": Benchmark(load_toolrl, score_toolrl, summarize_toolrl),
+              "apibank": Benchmark(load_apibank, score_apibank, summarize_apibank),
+              "bfcl": Benchmark(load_bfcl, score_bfcl, summarize_bfcl)}
+
+
+# ---------------------------------------------------------------- generation and files
+
+def generate(model, tokenizer, items: list, config: EvalConfig) -> list[str]:
+    """Greedy answers, in item order. Batches hold prompts of similar length (sorted), since a
+    left-padded batch costs as much as its longest prompt."""
+    prompts, num_truncated = build_prompts(tokenizer, items, config.max_prompt_tokens)
+    if num_truncated:
+        print(f"warning: {num_truncated} prompt(s) longer than {config.max_prompt_tokens} tokens were cut from the left")
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    outputs = [""] * len(prompts)
+    for start in tqdm(range(0, len(order), config.batch_size), desc="batches"):
+        chunk = order[start:start + config.batch_size]
+        texts = generate_text(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens=config.max_new_tokens,
+                              batch_size=config.batch_size, temperature=0.0)
+        for i, text in zip(chunk, texts):
+            outputs[i] = text
+    return outputs
+
+
+def read_outputs(path: Path, items: list) -> list[str]:
+    """The raw outputs of an earlier run, matched to the items by id."""
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    by_id = {row["id"]: row["output"] for row in rows}
+    missing = [item.id for item in items if item.id not in by_id]
+    if missing:
+        raise ValueError(f"{path} has no output for {len(missing)} item(s), e.g. {missing[0]}")
+    return [by_id[item.id] for item in items]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def slug(model: str) -> str:
+    """A folder name for a model: "Qwen/Qwen2.5-1.5B-Instruct" -> "Qwen_Qwen2.5-1.5B-Instruct"."""
+    return re.sub(r"[^A-Za-z0-9.\-]+", "_", model).strip("_.") or "model"
+
+
+def format_value(metric: str, value) -> str:
+    """Rewards as they are, accuracies in percent (as the paper's tables), counts as integers."""
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.3f}" if "reward" in metric else f"{100 * value:.2f}"
+
+
+def results_table(summary: dict) -> list[list[str]]:
+    """Rows "benchmark/metric", one column per model; a metric a model lacks shows as "-"."""
+    models = list(summary)
+    metrics = []
+    for results in summary.values():
+        for benchmark, values in results.items():
+            metrics += [(benchmark, m) for m in values if (benchmark, m) not in metrics]
+    rows = [["metric"] + models]
+    for benchmark, metric in metrics:
+        rows.append([f"{benchmark}/{metric}"] + [
+            format_value(metric, summary[m][benchmark][metric]) if metric in summary[m].get(benchmark, {}) else "-"
+            for m in models])
+    return rows
+
+
+def markdown(rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows[1:]]) + "\n"
+
+
+def plain(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
+                     for r in rows)
+
+
+# ---------------------------------------------------------------- main
+
+def evaluate_model(name: str, benchmarks: dict[str, list], config: EvalConfig) -> dict:
+    """Generate (or read back) and score every benchmark for one model -> {benchmark: metrics}."""
+    model = tokenizer = None
+    if not config.rescore:
+        model, tokenizer = load_model_and_tokenizer(name, device=config.device,
+                                                    trust_remote_code=config.trust_remote_code)
+    results = {}
+    for benchmark, items in benchmarks.items():
+        path = Path(config.output_dir) / slug(name) / benchmark / "predictions.jsonl"
+        print(f"{name} / {benchmark}: {len(items)} items")
+        outputs = read_outputs(path, items) if config.rescore else generate(model, tokenizer, items, config)
+        rows = [BENCHMARKS[benchmark].score(item, output) for item, output in zip(items, outputs)]
+        write_jsonl(path, rows)
+        results[benchmark] = {"num_items": len(rows), **BENCHMARKS[benchmark].summarize(rows)}
+    return results
+
+
+def main(config: EvalConfig) -> dict:
+    names = [b.strip() for b in config.benchmarks.split(",") if b.strip()]
+    unknown = [b for b in names if b not in BENCHMARKS]
+    assert not unknown, f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}"
+    assert config.model, "give at least one --model"
+    if config.device == "auto":
+        config = dataclasses.replace(config, device="cuda" if torch.cuda.is_available() else "cpu")
+    print(config_json(config))
+
+    benchmarks = {name: BENCHMARKS[name].load(config) for name in names}  # loaded once, for every model
+    summary = {name: evaluate_model(name, benchmarks, config) for name in config.model}
+
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps({"config": dataclasses.asdict(config), "results": summary}, indent=2))
+    table = results_table(summary)
+    (out / "summary.md").write_text(markdown(table))
+    print(plain(table))
+    return summary
+
+
+if __name__ == "__main__":
+    main(parse_config(EvalConfig)[0])
