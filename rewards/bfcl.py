@@ -232,11 +232,13 @@ def score_output(text: str, category: str, functions: list[dict], answers: list[
 def summarize(counts: dict[str, tuple[int, int]]) -> dict[str, float]:
     """{category: (correct, total)} -> accuracy per category and BFCL's summary columns.
 
-    Averaged as the leaderboard does (eval_runner_helper.py): non-live AST is the unweighted mean
-    of its four categories; live AST is weighted by item count; irrelevance is the unweighted mean
-    of irrelevance and live_irrelevance; relevance is live_relevance. The leaderboard's non-live
-    "simple" also averages in Java and JavaScript, which this project does not run, so here it is
-    simple_python alone. Columns whose categories were not all run are left out.
+    Averaged as the leaderboard does (eval_runner_helper.py of bfcl-eval): non-live AST is the
+    unweighted mean of its four categories; live AST is weighted by item count; irrelevance is the
+    unweighted mean of irrelevance and live_irrelevance; relevance is live_relevance. The
+    leaderboard's non-live "simple" also averages in Java and JavaScript, which this project does
+    not run, so here it is simple_python alone. `live_v3` is BFCL v3's Live column (the version the
+    paper used): the count-weighted mean over the four live AST categories, live_irrelevance and
+    live_relevance. Columns whose categories were not all run are left out.
     """
     acc = {c: n_ok / n for c, (n_ok, n) in counts.items() if n > 0}
     out = dict(acc)
@@ -250,6 +252,9 @@ def summarize(counts: dict[str, tuple[int, int]]) -> dict[str, float]:
         out["non_live_ast"] = sum(acc[c] for c in non_live) / len(non_live)
     if has(*live):
         out["live_ast"] = sum(counts[c][0] for c in live) / sum(counts[c][1] for c in live)
+    live_v3 = live + ("live_irrelevance", "live_relevance")
+    if has(*live_v3):
+        out["live_v3"] = sum(counts[c][0] for c in live_v3) / sum(counts[c][1] for c in live_v3)
     if has("irrelevance", "live_irrelevance"):
         out["irrelevance_summary"] = (acc["irrelevance"] + acc["live_irrelevance"]) / 2
     if has("live_relevance"):

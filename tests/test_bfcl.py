@@ -174,6 +174,7 @@ def test_summary_columns_average_as_the_leaderboard():
     assert s["live_ast"] == pytest.approx((1 + 2 + 0 + 1) / (1 + 4 + 3 + 2))  # weighted by count
     assert s["irrelevance_summary"] == pytest.approx((1 + 0.25) / 2)  # unweighted
     assert s["relevance_summary"] == 0.5
+    assert s["live_v3"] == pytest.approx((1 + 2 + 0 + 1 + 1 + 2) / (1 + 4 + 3 + 2 + 4 + 4))  # v3: with (ir)relevance
     assert "live_ast" not in summarize({"live_simple": (1, 1)})  # a partial group gets no column
 
 
