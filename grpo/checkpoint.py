@@ -2,8 +2,9 @@
 
 Layout of `output_dir/checkpoint-000040/`: model.safetensors, config.json, generation_config.json,
 tokenizer files (so `AutoModelForCausalLM.from_pretrained` loads it as-is), train_config.json, and
-trainer_state.pt (optimizer state, step, RNG states; the data position is the step itself, since the
-prompt order is a pure function of seed and step).
+trainer_state.pt (optimizer state and step). Nothing else is needed to continue the same run: the
+prompt order is a pure function of (seed, epoch), and the sampling generator is re-seeded from
+(seed, step, rank) at the start of every step.
 
 A checkpoint is written under a temporary name and renamed when complete, so a run killed mid-write
 leaves only a `.tmp-*` directory, which resuming ignores and the next save removes. A checkpoint that
@@ -19,20 +20,6 @@ import torch
 PREFIX = "checkpoint-"
 
 
-def rng_state() -> dict:
-    """Torch's CPU and CUDA generators: the only randomness training draws on (sampling)."""
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def save_checkpoint(output_dir: Path, step: int, model, tokenizer, optimizer, config_json: str,
                     keep: int) -> Path:
     """Write checkpoint-{step} atomically and keep only the newest `keep` checkpoints."""
@@ -42,7 +29,7 @@ def save_checkpoint(output_dir: Path, step: int, model, tokenizer, optimizer, co
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / "train_config.json").write_text(config_json)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state()}, tmp / "trainer_state.pt")
+    torch.save({"step": step, "optimizer": optimizer.state_dict()}, tmp / "trainer_state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)                                  # the commit point: atomic on one filesystem
     for old in list_checkpoints(output_dir)[keep:]:

@@ -36,12 +36,14 @@ def parse_config(cls, argv: list[str] | None = None):
     """
     argv = sys.argv[1:] if argv is None else argv
     hints = typing.get_type_hints(cls)
-    parser = argparse.ArgumentParser(description=cls.__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=cls.__doc__)
     for f in dataclasses.fields(cls):
         base = _base_type(hints[f.name])
-        kwargs = {"help": f.metadata.get("help", ""), "type": _parse_bool if base is bool else base,
-                  "default": argparse.SUPPRESS}
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        kwargs = {"help": f"{f.metadata.get('help', '')} (default: {default})",
+                  "type": _parse_bool if base is bool else base, "default": argparse.SUPPRESS}
+        if base is bool:                      # `--flag` alone means true; `--flag false` also works
+            kwargs.update(nargs="?", const=True)
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         if f.metadata.get("multiple"):

@@ -35,7 +35,7 @@ class Rollout:
     def completion_ids(self) -> torch.Tensor:
         return self.input_ids[:, -self.completion_mask.shape[1]:]           # (N, T)
 
-    def select(self, rows: slice) -> "Rollout":
+    def select(self, rows: slice | torch.Tensor) -> "Rollout":
         """Rows `rows`, minus the columns that are padding in all of them (left of the longest prompt,
         right of the longest completion): a micro-batch pays only for its own lengths.
         Completion column t stays column t, so (N, T) tensors align after `[rows, :T']`."""

@@ -1,0 +1,349 @@
+"""Train a causal LM to call tools with GRPO and ToolRL's reward (Qian et al. 2025).
+
+    python train.py                                    # tiny local model on the demo set: CPU, ~2 minutes
+    python train.py --model Qwen2.5-1.5B-Instruct      # the paper's recipe on its ToolRL data, one GPU
+
+One step: take B prompts; sample G completions each (grpo/rollout.py); score each with ToolRL's reward
+(rewards/); turn rewards into group-relative advantages (grpo/loss.py); compute old and reference
+log-probs once; then `steps_per_generation` optimizer steps of the clipped surrogate + beta * k3 KL,
+each over its share of the B*G completions, in micro-batches whose gradients add up to the full
+mini-batch's (the loss is divided by the mini-batch's token count, fixed before the first backward).
+
+Kept from the paper's run: G = 4, 512 prompts per rollout in 4 mini-batches, lr 1e-6 constant,
+clip 0.2, entropy bonus 0.001, temperature 1.0, 2,048 + 1,024 tokens, 15 epochs = 105 steps.
+Changed: the KL term sits in the loss (k3, DeepSeekMath) rather than in the reward (see grpo/loss.py).
+Dropped: PPO's value model, vLLM, multi-turn tool execution (ToolRL is single-step).
+"""
+import json
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from data import build_prompts, load_examples
+from grpo import checkpoint as ckpt
+from grpo.cli import config_json, field, parse_config
+from grpo.logprobs import CompletionLogprobs
+from grpo.loss import group_advantages, grpo_token_loss, masked_sum, zero_std_fraction
+from grpo.model import load_model, load_tokenizer, resolve_model_name, set_checkpointing
+from grpo.report import StepLog, plot_rewards
+from grpo.rollout import Rollout, decode_completions, eos_token_ids, generate_rollout, left_pad, pad_token_id
+from rewards import RewardConfig, toolrl_reward
+
+
+@dataclass
+class Config:
+    """GRPO for tool calling. Defaults are ToolRL's recipe; `--model tiny` applies TINY_PRESET first."""
+    # model and data
+    model: str = field("tiny", "HF model dir, hub id, bare name (Qwen2.5-1.5B-Instruct), or 'tiny' (built locally)")
+    data: str = field("auto", "'toolrl', 'demo', or a data file; 'auto' = demo for --model tiny, else toolrl")
+    data_split: str | None = field(None, "train/test split of --data (toolrl, demo, ToolRL raw JSON); "
+                                         "default: train for toolrl and demo, the whole file otherwise")
+    output_dir: str = field("runs/grpo", "where metrics, samples and checkpoints go")
+    seed: int = field(42, "seed for the prompt order and sampling")
+    resume: str | None = field(None, "output dir or checkpoint to continue from (newest usable checkpoint)")
+    trust_remote_code: bool = field(False, "allow model code from the hub (off: only transformers' own code runs)")
+    # rollout
+    prompts_per_step: int = field(512, "prompts per rollout batch (B)")
+    num_generations: int = field(4, "completions per prompt (G); advantages are relative within these")
+    max_prompt_length: int = field(2048, "prompt tokens kept (longer prompts lose their start)")
+    max_new_tokens: int = field(1024, "completion tokens at most; longer completions are truncated")
+    temperature: float = field(1.0, "sampling temperature; log-probs use the same one")
+    generation_batch_size: int = field(256, "sequences per generate call (halved automatically on OOM)")
+    # reward: ToolRL's three ablation axes (rewards/toolrl.py)
+    reward_length: str = field("none", "length reward", choices=["none", "fixed", "dynamic"])
+    reward_scale: str = field("original", "reward scale", choices=["original", "equal_max", "two_stage", "dynamic"])
+    reward_granularity: str = field("original", "correctness granularity",
+                                    choices=["original", "finegrained", "intermediate", "coarse"])
+    # optimisation
+    max_steps: int = field(105, "rollout batches to train on (the paper: 15 epochs of 7 = 105)")
+    steps_per_generation: int = field(4, "optimizer steps per rollout batch (mini-batches); >1 makes the ratio matter")
+    micro_batch_size: int = field(8, "sequences per forward/backward; lower it on out-of-memory")
+    learning_rate: float = field(1e-6, "AdamW learning rate (constant)")
+    weight_decay: float = field(0.01, "AdamW weight decay")
+    max_grad_norm: float = field(1.0, "gradient-norm clip")
+    epsilon: float = field(0.2, "clip range below 1 for the ratio")
+    epsilon_high: float = field(0.2, "clip range above 1 (DAPO's clip-higher when > epsilon)")
+    beta: float = field(0.001, "KL coefficient; 0 skips the reference model entirely")
+    entropy_coef: float = field(0.001, "entropy bonus coefficient")
+    scale_rewards: bool = field(True, "divide advantages by the group std (false: Dr. GRPO)")
+    gradient_checkpointing: bool = field(True, "recompute activations in backward (training forward only)")
+    logprob_chunk_size: int = field(1024, "completion tokens per LM-head chunk")
+    skip_zero_advantage: bool = field(True, "skip forward/backward of zero-advantage completions when beta = 0 "
+                                             "and entropy_coef = 0 (their loss is exactly 0)")
+    max_bad_steps: int = field(3, "abort after this many non-finite steps in a row")
+    # supervised warm start (also the paper's SFT400 baselines)
+    sft_data: str | None = field(None, "data for supervised steps on ground truths before GRPO")
+    sft_steps: int = field(0, "supervised optimizer steps before GRPO")
+    sft_batch_size: int = field(16, "examples per supervised step")
+    sft_learning_rate: float = field(1e-5, "learning rate of the supervised warm start")
+    # logging and checkpoints
+    save_every: int = field(20, "checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = field(2, "checkpoints kept on disk (oldest removed)")
+    log_samples_every: int = field(10, "write a few completions with their rewards every N steps")
+
+
+# `--model tiny`: a CPU-sized run of the same code. Fields given on the command line win.
+TINY_PRESET = dict(
+    data="demo", prompts_per_step=16, num_generations=8, max_prompt_length=512, max_new_tokens=64,
+    max_steps=40, steps_per_generation=1, micro_batch_size=32, learning_rate=3e-4, beta=0.0,
+    entropy_coef=0.0, sft_data="demo", sft_steps=120, sft_batch_size=32, sft_learning_rate=3e-3,
+    save_every=20, log_samples_every=10,
+)
+
+
+def configure(argv=None) -> Config:
+    """Parse the command line, apply the tiny preset, resolve 'auto', and check every value before any
+    model is loaded (a bad value fails fast, naming its flag)."""
+    cfg, given = parse_config(Config, argv)
+    if cfg.model == "tiny":
+        cfg = replace(cfg, **{k: v for k, v in TINY_PRESET.items() if k not in given})
+    if cfg.data == "auto":
+        cfg = replace(cfg, data="demo" if cfg.model == "tiny" else "toolrl")
+    if cfg.data_split is None and cfg.data in ("toolrl", "demo"):
+        cfg = replace(cfg, data_split="train")
+    for name in ("prompts_per_step", "max_prompt_length", "max_new_tokens", "generation_batch_size",
+                 "max_steps", "steps_per_generation", "micro_batch_size", "logprob_chunk_size",
+                 "save_every", "keep_checkpoints", "log_samples_every", "max_bad_steps", "sft_batch_size"):
+        if getattr(cfg, name) <= 0:
+            raise SystemExit(f"--{name} must be positive, got {getattr(cfg, name)}")
+    checks = [
+        (cfg.num_generations >= 2, f"--num_generations must be >= 2 for group-relative advantages, got {cfg.num_generations}"),
+        (cfg.temperature > 0, f"--temperature must be > 0 for sampling, got {cfg.temperature}"),
+        (cfg.sft_steps >= 0, f"--sft_steps must be >= 0, got {cfg.sft_steps}"),
+        (min(cfg.learning_rate, cfg.weight_decay, cfg.beta, cfg.entropy_coef, cfg.epsilon, cfg.epsilon_high) >= 0,
+         "--learning_rate, --weight_decay, --beta, --entropy_coef, --epsilon, --epsilon_high must be >= 0"),
+        (cfg.prompts_per_step * cfg.num_generations % cfg.steps_per_generation == 0,
+         f"--prompts_per_step * --num_generations ({cfg.prompts_per_step * cfg.num_generations}) must divide "
+         f"into --steps_per_generation ({cfg.steps_per_generation}) equal mini-batches"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise SystemExit(message)
+    for name in ("data", "sft_data"):
+        source = getattr(cfg, name)
+        if source and source not in ("demo", "toolrl") and not Path(source).exists():
+            raise SystemExit(f"--{name} {source!r}: no such file (or use 'demo' / 'toolrl')")
+    if cfg.model != "tiny":
+        try:
+            resolve_model_name(cfg.model)
+        except ValueError as e:
+            raise SystemExit(str(e))
+        context = _model_context_length(cfg.model)
+        if context and cfg.max_prompt_length + cfg.max_new_tokens > context:
+            raise SystemExit(f"--max_prompt_length {cfg.max_prompt_length} + --max_new_tokens {cfg.max_new_tokens} "
+                             f"exceeds the model's {context} positions: no room for completion tokens")
+    return cfg
+
+
+def _model_context_length(model: str) -> int | None:
+    """max_position_embeddings from a local model directory's config.json (None for hub ids: not fetched yet)."""
+    path = Path(model) / "config.json"
+    return json.loads(path.read_text()).get("max_position_embeddings") if path.is_file() else None
+
+
+def sft_warm_start(cfg: Config, policy: CompletionLogprobs, tokenizer, autocast) -> None:
+    """Supervised steps on ground truths: -mean log p(ground truth + EOS | prompt), completion tokens only."""
+    examples = load_examples(cfg.sft_data, split="train" if cfg.sft_data in ("toolrl", "demo") else None)
+    prompts, _ = build_prompts(tokenizer, examples, cfg.max_prompt_length)
+    targets = [tokenizer(e.ground_truth, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+               for e in examples]
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.sft_learning_rate, weight_decay=cfg.weight_decay)
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed))
+    device = next(policy.parameters()).device
+    for step in (bar := tqdm(range(cfg.sft_steps), desc="sft")):
+        idx = [order[(step * cfg.sft_batch_size + i) % len(examples)].item() for i in range(cfg.sft_batch_size)]
+        prompt_ids, prompt_mask = left_pad([prompts[i] for i in idx], pad_token_id(tokenizer))     # (b, P)
+        T = max(len(targets[i]) for i in idx)
+        target_ids = torch.tensor([targets[i] + [pad_token_id(tokenizer)] * (T - len(targets[i])) for i in idx])
+        target_mask = torch.tensor([[t < len(targets[i]) for t in range(T)] for i in idx])         # (b, T)
+        ids = torch.cat([prompt_ids, target_ids], 1).to(device)
+        attn = torch.cat([prompt_mask, target_mask.long()], 1).to(device)
+        with autocast():
+            logp, _ = policy(ids, attn, target_mask.to(device))                                    # (b, T)
+        loss = -masked_sum(logp, target_mask.to(device)) / target_mask.sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+
+
+@torch.no_grad()
+def rollout_logprobs(policy: CompletionLogprobs, rollout: Rollout, cfg: Config, autocast) -> torch.Tensor:
+    """log pi(token) for every completion token of the rollout, without gradients: (N, T), 0 off-mask."""
+    out = torch.zeros(rollout.completion_mask.shape, device=rollout.input_ids.device)
+    for start in range(0, len(out), cfg.micro_batch_size):
+        mb = rollout.select(slice(start, start + cfg.micro_batch_size))
+        with autocast():
+            logp, _ = policy(mb.input_ids, mb.attention_mask, mb.completion_mask, cfg.temperature)
+        out[start:start + len(logp), :logp.shape[1]] = logp
+    return out
+
+
+def policy_update(policy, optimizer, rollout: Rollout, advantages, old_logp, ref_logp, cfg: Config,
+                  autocast) -> dict:
+    """`steps_per_generation` optimizer steps over equal shares of the rollout; returns mean statistics."""
+    N = len(advantages)
+    rows_per_step = N // cfg.steps_per_generation
+    # With no KL and no entropy term, a zero-advantage row's loss is exactly 0: skip its forward/backward.
+    skip_flat = cfg.skip_zero_advantage and cfg.beta == 0 and cfg.entropy_coef == 0
+    totals = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0, "skipped": 0}
+    bar = tqdm(total=N, desc="update", leave=False)
+    for k in range(cfg.steps_per_generation):
+        rows = torch.arange(k * rows_per_step, (k + 1) * rows_per_step, device=advantages.device)
+        n_tokens = rollout.completion_mask[rows].sum().clamp(min=1)       # every row counts, fixed before backward
+        if skip_flat:
+            rows = rows[advantages[rows] != 0] if (advantages[rows] != 0).any() else rows[:1]
+        for micro in rows.split(cfg.micro_batch_size):
+            mb = rollout.select(micro)
+            t = mb.completion_mask.shape[1]
+            with autocast():
+                logp, entropy = policy(mb.input_ids, mb.attention_mask, mb.completion_mask, cfg.temperature)
+            # One optimizer step per rollout: on-policy, so old = current (ratio 1, clipping inactive).
+            old = logp.detach() if cfg.steps_per_generation == 1 else old_logp[micro, :t]
+            ref = ref_logp[micro, :t] if ref_logp is not None else None
+            token_loss, parts = grpo_token_loss(logp, old, advantages[micro], cfg.epsilon, cfg.epsilon_high,
+                                                ref, cfg.beta, entropy, cfg.entropy_coef)
+            loss = masked_sum(token_loss, mb.completion_mask) / n_tokens
+            loss.backward()
+            scale = 1.0 / (n_tokens.item() * cfg.steps_per_generation)
+            totals["loss"] += loss.item() / cfg.steps_per_generation
+            totals["kl"] += masked_sum(parts["kl"], mb.completion_mask).item() * scale
+            totals["entropy"] += masked_sum(entropy.detach(), mb.completion_mask).item() * scale
+            totals["clip_fraction"] += masked_sum(parts["clipped"], mb.completion_mask).item() * scale
+            bar.update(len(micro))
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+        if torch.isfinite(grad_norm):
+            optimizer.step()
+        else:                                              # a NaN/inf step would poison the weights: skip it
+            totals["skipped"] += 1
+        optimizer.zero_grad(set_to_none=True)
+        totals["grad_norm"] += grad_norm.item() / cfg.steps_per_generation
+    bar.close()
+    return totals
+
+
+def main(argv=None):
+    cfg = configure(argv)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    print(config_json(cfg))
+    (out / "train_config.json").write_text(config_json(cfg))
+    torch.manual_seed(cfg.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # bf16 compute on GPU with float32 master weights and AdamW state (trap 7); plain float32 on CPU.
+    autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")  # noqa: E731
+
+    # ---- model, reference, data
+    model_path = cfg.model
+    if cfg.model == "tiny":
+        from grpo.tiny import save_tiny_model
+        model_path = str(out / "tiny-init")
+        if not Path(model_path, "config.json").is_file():
+            save_tiny_model(model_path)
+    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
+    examples = load_examples(cfg.data, split=cfg.data_split)
+    prompts, n_truncated = build_prompts(tokenizer, examples, cfg.max_prompt_length)
+    resumed = ckpt.find_resumable(Path(cfg.resume)) if cfg.resume else None
+    if cfg.resume and resumed is None:
+        print(f"--resume {cfg.resume}: no usable checkpoint there; starting from step 0")
+    model = load_model(str(resumed[0]) if resumed else model_path, device=device,
+                       trust_remote_code=cfg.trust_remote_code)
+    if cfg.gradient_checkpointing:
+        set_checkpointing(model, True)
+    model.train()
+    policy = CompletionLogprobs(model, cfg.logprob_chunk_size)
+    eos_ids, pad_id = eos_token_ids(model, tokenizer), pad_token_id(tokenizer)
+
+    ref_path = model_path
+    if cfg.sft_steps > 0:          # the reference is the policy GRPO starts from: after the warm start
+        ref_path = str(out / "sft-init")
+        if not resumed:
+            sft_warm_start(cfg, policy, tokenizer, autocast)
+            model.save_pretrained(ref_path)
+            tokenizer.save_pretrained(ref_path)
+    ref_policy = None
+    if cfg.beta > 0:
+        ref_model = load_model(ref_path, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32,
+                               trust_remote_code=cfg.trust_remote_code).eval().requires_grad_(False)
+        ref_policy = CompletionLogprobs(ref_model, cfg.logprob_chunk_size)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    start_step = 0
+    if resumed:
+        optimizer.load_state_dict(resumed[1]["optimizer"])
+        start_step = resumed[1]["step"]
+        print(f"resumed from {resumed[0]} at step {start_step}")
+
+    B, G = cfg.prompts_per_step, cfg.num_generations
+    steps_per_epoch = len(prompts) // B
+    assert steps_per_epoch > 0, f"--prompts_per_step {B} is more than the {len(prompts)} training prompts"
+    reward_cfg = RewardConfig(length=cfg.reward_length, scale=cfg.reward_scale, granularity=cfg.reward_granularity)
+    print(f"{len(prompts)} prompts ({n_truncated} truncated), {steps_per_epoch} steps per epoch | "
+          f"{B} x {G} = {B * G} completions per step, {cfg.steps_per_generation} optimizer steps per rollout, "
+          f"up to {B * G * cfg.max_new_tokens:,} completion tokens per step | device {device}")
+    log = StepLog(out, cfg.max_steps, start_step)
+    bad_steps = 0
+
+    # ---- the loop: sample -> score -> advantages -> update -> log -> save
+    for step in range(start_step, cfg.max_steps):
+        t0 = time.perf_counter()
+        torch.manual_seed(cfg.seed * 1_000_000 + step * 1_000)  # sampling stream: a function of (seed, step)
+        epoch, position = divmod(step, steps_per_epoch)     # the prompt order is a function of (seed, epoch)
+        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        batch = order[position * B:(position + 1) * B].tolist()
+        rollout = generate_rollout(model, [prompts[i] for i in batch], num_generations=G,
+                                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                   eos_ids=eos_ids, pad_id=pad_id, batch_size=cfg.generation_batch_size)
+        t1 = time.perf_counter()
+
+        completions = decode_completions(tokenizer, rollout)                                     # B*G strings
+        truths = [examples[i].ground_truth for i in batch for _ in range(G)]
+        scores = [toolrl_reward(c, gt, step, reward_cfg) for c, gt in zip(completions, truths)]
+        rewards = torch.tensor([s["total"] for s in scores])                                    # (N,)
+        advantages = group_advantages(rewards, G, scale=cfg.scale_rewards).to(device)           # (N,)
+        t2 = time.perf_counter()
+
+        old_logp = rollout_logprobs(policy, rollout, cfg, autocast) if cfg.steps_per_generation > 1 else None
+        ref_logp = rollout_logprobs(ref_policy, rollout, cfg, autocast) if ref_policy else None
+        try:
+            stats = policy_update(policy, optimizer, rollout, advantages, old_logp, ref_logp, cfg, autocast)
+        except torch.OutOfMemoryError as e:
+            raise SystemExit(f"out of memory in the update: lower --micro_batch_size (now {cfg.micro_batch_size}), "
+                             f"--max_new_tokens or --max_prompt_length") from e
+        t3 = time.perf_counter()
+
+        lengths = rollout.completion_mask.sum(1).float()
+        metrics = {
+            "step": step + 1, "epoch": epoch,
+            "reward": rewards.mean().item(), "reward_std": rewards.std().item(),
+            **{f"rewards/{k}": sum(s[k] for s in scores) / len(scores) for k in ("format", "correctness", "length")},
+            "frac_reward_zero_std": zero_std_fraction(rewards, G),
+            "completion_length": lengths.mean().item(),
+            "clipped_ratio": rollout.truncated.float().mean().item(),
+            **stats, "learning_rate": optimizer.param_groups[0]["lr"],
+            "time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2,
+            "tokens_per_second": rollout.attention_mask.sum().item() / (t3 - t0),
+        }
+        if device == "cuda":
+            metrics["memory/peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        log.write(metrics)
+        if (step + 1) % cfg.log_samples_every == 0 or step == start_step:
+            log.samples(step + 1, completions[:G], truths[:G], scores[:G])
+
+        bad_steps = bad_steps + 1 if stats["skipped"] or not math.isfinite(stats["loss"]) else 0
+        if bad_steps >= cfg.max_bad_steps:
+            path = ckpt.save_checkpoint(out, step + 1, model, tokenizer, optimizer, config_json(cfg), cfg.keep_checkpoints)
+            raise SystemExit(f"aborting: {bad_steps} steps in a row had a non-finite loss or gradient (skipped). "
+                             f"Weights from before them are in {path}; try a lower --learning_rate.")
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
+            ckpt.save_checkpoint(out, step + 1, model, tokenizer, optimizer, config_json(cfg), cfg.keep_checkpoints)
+    plot_rewards(out)
+
+
+if __name__ == "__main__":
+    main()
