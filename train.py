@@ -88,10 +88,10 @@ class Config:
 
 # `--model tiny`: a CPU-sized run of the same code. Fields given on the command line win.
 TINY_PRESET = dict(
-    data="demo", prompts_per_step=16, num_generations=8, max_prompt_length=512, max_new_tokens=64,
-    max_steps=40, steps_per_generation=1, micro_batch_size=32, learning_rate=3e-4, beta=0.0,
-    entropy_coef=0.0, sft_data="demo", sft_steps=120, sft_batch_size=32, sft_learning_rate=3e-3,
-    save_every=20, log_samples_every=10,
+    data="demo", prompts_per_step=8, num_generations=8, max_prompt_length=512, max_new_tokens=64,
+    max_steps=30, steps_per_generation=1, micro_batch_size=64, learning_rate=3e-4, beta=0.0,
+    entropy_coef=0.0, gradient_checkpointing=False, sft_data="demo", sft_steps=100, sft_batch_size=16,
+    sft_learning_rate=3e-3, save_every=10, log_samples_every=10,
 )
 
 
@@ -221,6 +221,7 @@ def policy_update(policy, optimizer, rollout: Rollout, advantages, old_logp, ref
             optimizer.step()
         else:                                              # a NaN/inf step would poison the weights: skip it
             totals["skipped"] += 1
+            print(f"non-finite gradient norm ({grad_norm.item()}): optimizer step skipped")
         optimizer.zero_grad(set_to_none=True)
         totals["grad_norm"] += grad_norm.item() / cfg.steps_per_generation
     bar.close()

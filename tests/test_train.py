@@ -1,0 +1,159 @@
+"""train.py end to end on the tiny model: learning, the demo command, resume after a kill, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from grpo import checkpoint as ckpt
+from grpo.logprobs import CompletionLogprobs
+from grpo.loss import group_advantages
+from grpo.rollout import generate_rollout
+from grpo.tiny import build_model, build_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+# A short run of the demo command: every phase (SFT, rollout, reward, update, checkpoint) in seconds.
+SHORT = ["--prompts_per_step", "2", "--num_generations", "2", "--max_new_tokens", "12", "--sft_steps", "2",
+         "--sft_batch_size", "4", "--save_every", "1", "--log_samples_every", "1"]
+
+
+def no_autocast():
+    return torch.autocast("cpu", enabled=False)
+
+
+def test_learning_on_a_dense_reward():
+    """Reward = fraction of completion tokens from the lower half of the vocabulary: starts near 0.5,
+    must clearly rise within a few dozen GRPO steps of the real update code."""
+    torch.manual_seed(0)
+    tok = build_tokenizer(["hello world, the quick brown fox jumps over the lazy dog"] * 4, vocab_size=300)
+    model = build_model(tok, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
+    V = model.config.vocab_size
+    never = V + 1  # no EOS can be sampled (id out of range), so every completion has 8 tokens
+    cfg = replace(train.Config(), steps_per_generation=1, micro_batch_size=64, beta=0.0, entropy_coef=0.0,
+                  max_grad_norm=1.0, temperature=1.0)
+    policy = CompletionLogprobs(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-2)
+    prompts = [tok("hello")["input_ids"], tok("the fox")["input_ids"], tok("dog")["input_ids"], [5]]
+    means = []
+    for step in range(20):
+        rollout = generate_rollout(model, prompts, num_generations=8, max_new_tokens=8, temperature=1.0,
+                                   eos_ids=[never], pad_id=0, batch_size=32)
+        rewards = (rollout.completion_ids < V // 2).float().mean(dim=1)                 # (N,)
+        means.append(rewards.mean().item())
+        model.train()
+        train.policy_update(policy, optimizer, rollout, group_advantages(rewards, 8), None, None, cfg, no_autocast)
+    first, last = sum(means[:5]) / 5, sum(means[-5:]) / 5
+    assert last > first + 0.3, f"mean reward went from {first:.2f} to {last:.2f}"   # seen: 0.51 -> 1.00
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(checkpoint: Path) -> dict:
+    return load_file(checkpoint / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """One uninterrupted 4-step run of the demo command, shared by the tests below."""
+    out = tmp_path_factory.mktemp("demo_run")
+    train.main(["--output_dir", str(out), "--max_steps", "4"] + SHORT)
+    return out
+
+
+def test_demo_command_end_to_end(demo_run):
+    from transformers import AutoModelForCausalLM
+    rows = read_metrics(demo_run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for key in ("reward", "reward_std", "rewards/format", "rewards/correctness", "frac_reward_zero_std",
+                "completion_length", "clipped_ratio", "kl", "entropy", "loss", "grad_norm", "learning_rate",
+                "time/generate", "time/score", "time/update", "tokens_per_second"):
+        assert key in rows[0], key
+    saved = json.loads((demo_run / "train_config.json").read_text())
+    assert saved["data"] == "demo" and saved["max_steps"] == 4
+    final = demo_run / "checkpoint-000004"
+    assert AutoModelForCausalLM.from_pretrained(final) is not None
+    assert json.loads((final / "train_config.json").read_text()) == saved
+    assert (demo_run / "samples.jsonl").read_text().count("\n") >= 4
+    assert [p.name for p in ckpt.list_checkpoints(demo_run)] == ["checkpoint-000004", "checkpoint-000003"]  # keep 2
+
+
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(demo_run, tmp_path):
+    """Kill the process with SIGKILL while it trains (whatever it is doing at that moment), resume with
+    --resume, and compare with the uninterrupted run: same weights, same metrics."""
+    args = ["--max_steps", "4"] + SHORT
+    cmd = [sys.executable, str(REPO / "train.py"), "--output_dir", str(tmp_path)] + args
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / "checkpoint-000002").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    train.main(["--output_dir", str(tmp_path), "--resume", str(tmp_path)] + args)
+    a, b = weights(demo_run / "checkpoint-000004"), weights(tmp_path / "checkpoint-000004")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
+    assert [r["reward"] for r in read_metrics(tmp_path)] == [r["reward"] for r in read_metrics(demo_run)]
+
+
+def test_partial_and_corrupt_checkpoints_are_skipped(demo_run, tmp_path, capsys):
+    good = tmp_path / "checkpoint-000004"
+    good.mkdir()
+    for f in (demo_run / "checkpoint-000004").iterdir():
+        (good / f.name).write_bytes(f.read_bytes())
+    (tmp_path / ".tmp-checkpoint-000005").mkdir()                      # killed mid-write: never renamed
+    corrupt = tmp_path / "checkpoint-000006"
+    corrupt.mkdir()
+    for f in good.iterdir():
+        (corrupt / f.name).write_bytes(f.read_bytes())
+    data = (corrupt / "model.safetensors").read_bytes()
+    (corrupt / "model.safetensors").write_bytes(data[:len(data) // 2])  # truncated
+    found, state = ckpt.find_resumable(tmp_path)
+    assert found == good and state["step"] == 4
+    assert "skipping unusable checkpoint" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["--num_generations", "1"], "--num_generations"),
+    (["--prompts_per_step", "-3"], "--prompts_per_step"),
+    (["--max_new_tokens", "0"], "--max_new_tokens"),
+    (["--data", "/no/such/file.json"], "--data"),
+    (["--model", "NoSuchModelFamily-7B"], "--model"),
+    (["--temperature", "0"], "--temperature"),
+    (["--learning_rate", "-1"], "--learning_rate"),
+])
+def test_bad_arguments_fail_before_loading_anything(args, flag):
+    with pytest.raises(SystemExit) as e:
+        train.configure(args)
+    assert flag in str(e.value)
+
+
+def test_prompt_that_leaves_no_room_for_completions(tiny_model_dir):
+    with pytest.raises(SystemExit) as e:
+        train.configure(["--model", str(tiny_model_dir), "--data", "demo", "--max_prompt_length", "32760",
+                         "--max_new_tokens", "1024"])
+    assert "no room for completion tokens" in str(e.value)
+
+
+def test_non_finite_steps_are_skipped_then_abort(tmp_path, monkeypatch):
+    """NaN rewards make the loss and gradient non-finite: each such step is skipped (weights untouched),
+    and after --max_bad_steps in a row the run stops with a message, its checkpoint saved."""
+    nan = float("nan")
+    monkeypatch.setattr(train, "toolrl_reward", lambda *a, **k: {"format": nan, "correctness": nan,
+                                                                    "length": 0.0, "total": nan})
+    with pytest.raises(SystemExit) as e:
+        train.main(["--output_dir", str(tmp_path), "--max_steps", "8", "--max_bad_steps", "2"] + SHORT)
+    assert "non-finite" in str(e.value)
+    assert [r["skipped"] for r in read_metrics(tmp_path)] == [1, 1]
+    start = weights(tmp_path / "sft-init")
+    saved = weights(tmp_path / "checkpoint-000002")
+    assert all(torch.equal(start[k], saved[k]) for k in start)          # skipped steps changed nothing
