@@ -188,24 +188,19 @@ def _tool_call_block(text: str, last: bool = False) -> str:
     return after.partition("<tool_call>")[0].partition("</tool_call>")[0]
 
 
-def _json_lines(block: str) -> list | None:
-    """One JSON value per line of the stripped block, or None if any line is not JSON."""
-    try:
-        return [json.loads(line) for line in block.strip().split("\n")]
-    except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than Python's limit
-        return None
-
-
 def _gold_calls(ground_truth: str) -> list[dict] | None:
     """The ground truth's tool calls; None when it makes none. Raises ValueError if they cannot be read."""
     if "<tool_call>" not in ground_truth:
         return None
-    # A ground truth may mention the tag in its thought (17 rows of the ToolRL SFT set do); the
-    # released code crashes there. Its real calls are then in the last block.
-    calls = _json_lines(_tool_call_block(ground_truth))
-    if calls is None:
-        calls = _json_lines(_tool_call_block(ground_truth, last=True))
-    if calls is None:
+    # A ground truth may quote the tag in its thought (17 rows of the ToolRL SFT set do); the released
+    # code crashes there. Its real calls are then in the last block.
+    for block in (_tool_call_block(ground_truth), _tool_call_block(ground_truth, last=True)):
+        try:
+            calls = [json.loads(line) for line in block.strip().split("\n")]
+            break
+        except (ValueError, RecursionError):
+            continue
+    else:
         raise ValueError(f"ground truth's <tool_call> block is not one JSON object per line: "
                          f"{ground_truth!r}")
     for call in calls:
@@ -275,8 +270,11 @@ def correctness(completion: str, gold: list[dict] | None, granularity: Granulari
         return 0.0
     if "<tool_call>" not in completion or "</tool_call>" not in completion:
         return lo
-    predicted = _json_lines(_tool_call_block(completion))
-    if predicted is None:
+    # Parsed here rather than in a helper: on Python 3.11 json's nesting limit counts the caller's
+    # frames, and at the released code's call depth JSON nested right at the limit parses as there.
+    try:
+        predicted = [json.loads(line) for line in _tool_call_block(completion).strip().split("\n")]
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than Python's recursion limit
         return lo
     if predicted == gold:
         return hi
