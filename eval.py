@@ -39,7 +39,7 @@ from data.bfcl import CATEGORIES as BFCL_CATEGORIES
 from data.bfcl import load_category
 from data.formats import ground_truth_calls
 from grpo.cli import config_json, field, parse_config
-from grpo.model import load_model_and_tokenizer
+from grpo.model import load_model_and_tokenizer, resolve_model_name
 from grpo.rollout import generate_text
 from rewards import RewardConfig, toolrl_reward
 from rewards import apibank, bfcl
@@ -259,8 +259,15 @@ def evaluate_model(name: str, benchmarks: dict[str, list], config: EvalConfig) -
 def main(config: EvalConfig) -> dict:
     names = [b.strip() for b in config.benchmarks.split(",") if b.strip()]
     unknown = [b for b in names if b not in BENCHMARKS]
-    assert not unknown, f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}"
-    assert config.model, "give at least one --model"
+    if unknown:
+        raise SystemExit(f"--benchmarks: unknown {unknown}; choose from {list(BENCHMARKS)}")
+    if not config.model:
+        raise SystemExit("--model: give at least one (repeat the flag for several)")
+    for name in config.model:                     # a bad name fails now, not after the first model's hour
+        try:
+            resolve_model_name(name)
+        except ValueError as e:
+            raise SystemExit(str(e))
     if config.device == "auto":
         config = dataclasses.replace(config, device="cuda" if torch.cuda.is_available() else "cpu")
     print(config_json(config))

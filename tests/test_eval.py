@@ -6,6 +6,7 @@ import pytest
 
 import eval as evaluation
 from eval import EvalConfig, main, results_table, slug
+from grpo.cli import parse_config
 
 WEATHER = {"name": "weather", "description": "Weather in a city.", "parameters": {
     "type": "dict", "required": ["city"], "properties": {"city": {"type": "string", "description": "c"}}}}
@@ -102,3 +103,12 @@ def test_end_to_end_on_the_tiny_model(tmp_path, shared_data, tiny_model_dir, cap
         assert len(rows) == results[benchmark]["num_items"]
         assert all(isinstance(r["output"], str) and "correct" in r for r in rows)
     assert "apibank/overall" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,flag", [(["--model", "NoSuchFamily-7B"], "--model"),
+                                       (["--model", "Qwen2.5-1.5B-Instruct", "--benchmarks", "nope"], "--benchmarks"),
+                                       ([], "--model")])
+def test_bad_arguments_fail_before_loading(args, flag, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(parse_config(EvalConfig, args + ["--output_dir", str(tmp_path)])[0])
+    assert flag in str(e.value)
