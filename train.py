@@ -29,7 +29,7 @@ from grpo.cli import config_json, field, parse_config
 from grpo.logprobs import CompletionLogprobs
 from grpo.loss import group_advantages, grpo_token_loss, masked_sum, zero_std_fraction
 from grpo.model import load_model, load_tokenizer, resolve_model_name, set_checkpointing
-from grpo.report import StepLog, plot_rewards
+from grpo.report import StepLog, plot_rewards, trend
 from grpo.rollout import Rollout, decode_completions, eos_token_ids, generate_rollout, left_pad, pad_token_id
 from rewards import RewardConfig, toolrl_reward
 
@@ -88,9 +88,9 @@ class Config:
 
 # `--model tiny`: a CPU-sized run of the same code. Fields given on the command line win.
 TINY_PRESET = dict(
-    data="demo", prompts_per_step=8, num_generations=8, max_prompt_length=512, max_new_tokens=64,
-    max_steps=30, steps_per_generation=1, micro_batch_size=64, learning_rate=3e-4, beta=0.0,
-    entropy_coef=0.0, gradient_checkpointing=False, sft_data="demo", sft_steps=100, sft_batch_size=16,
+    data="demo", prompts_per_step=16, num_generations=4, max_prompt_length=512, max_new_tokens=64,
+    temperature=0.7, max_steps=25, steps_per_generation=1, micro_batch_size=64, learning_rate=1e-3, beta=0.0,
+    entropy_coef=0.0, gradient_checkpointing=False, sft_data="demo", sft_steps=60, sft_batch_size=16,
     sft_learning_rate=3e-3, save_every=10, log_samples_every=10,
 )
 
@@ -344,6 +344,7 @@ def main(argv=None):
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
             ckpt.save_checkpoint(out, step + 1, model, tokenizer, optimizer, config_json(cfg), cfg.keep_checkpoints)
     plot_rewards(out)
+    print(trend(out))
 
 
 if __name__ == "__main__":

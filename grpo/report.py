@@ -44,6 +44,20 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+def trend(out: Path, window: int = 5) -> str:
+    """"reward -2.10 -> -1.89, format 0.56 -> 0.83 (mean of the first and last 5 steps)": per-step means
+    are noisy (a batch's mix of prompts moves them), so compare windows."""
+    rows = read_jsonl(out / "metrics.jsonl")
+    if len(rows) < 2 * window:
+        return ""
+    parts = []
+    for key in ("reward", "rewards/format", "rewards/correctness"):
+        first = sum(r[key] for r in rows[:window]) / window
+        last = sum(r[key] for r in rows[-window:]) / window
+        parts.append(f"{key.split('/')[-1]} {first:.2f} -> {last:.2f}")
+    return ", ".join(parts) + f" (mean of the first and last {window} steps)"
+
+
 def plot_rewards(out: Path) -> Path | None:
     """reward_curves.png: total reward and its components against the step (needs matplotlib)."""
     try:
@@ -58,7 +72,10 @@ def plot_rewards(out: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for key in ("reward", "rewards/format", "rewards/correctness", "rewards/length"):
         if any(r.get(key) for r in rows):
-            ax.plot(steps, [r[key] for r in rows], label=key)
+            values = [r[key] for r in rows]
+            line, = ax.plot(steps, values, alpha=0.35, label=f"{key} (per step)")
+            smooth = [sum(values[max(0, i - 4):i + 1]) / len(values[max(0, i - 4):i + 1]) for i in range(len(values))]
+            ax.plot(steps, smooth, color=line.get_color(), label=f"{key} (mean of last 5)")
     ax.set_xlabel("step")
     ax.set_ylabel("mean reward")
     ax.legend()
