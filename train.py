@@ -2,6 +2,7 @@
 
     python train.py                                    # tiny local model on the demo set: CPU, ~2 minutes
     python train.py --model Qwen2.5-1.5B-Instruct      # the paper's recipe on its ToolRL data, one GPU
+    torchrun --nproc_per_node 8 train.py --model Qwen2.5-7B-Instruct --fsdp   # data-parallel (grpo/dist.py)
 
 One step: take B prompts; sample G completions each (grpo/rollout.py); score each with ToolRL's reward
 (rewards/); turn rewards into group-relative advantages (grpo/loss.py); compute old and reference
@@ -25,6 +26,7 @@ from tqdm import tqdm
 
 from data import build_prompts, load_examples
 from grpo import checkpoint as ckpt
+from grpo import dist
 from grpo.cli import config_json, field, parse_config
 from grpo.logprobs import CompletionLogprobs
 from grpo.loss import group_advantages, grpo_token_loss, masked_sum, zero_std_fraction
@@ -73,8 +75,11 @@ class Config:
     gradient_checkpointing: bool = field(True, "recompute activations in backward (training forward only)")
     logprob_chunk_size: int = field(1024, "completion tokens per LM-head chunk")
     skip_zero_advantage: bool = field(True, "skip forward/backward of zero-advantage completions when beta = 0 "
-                                             "and entropy_coef = 0 (their loss is exactly 0)")
+                                             "and entropy_coef = 0 (their loss is exactly 0); one rank only")
     max_bad_steps: int = field(3, "abort after this many non-finite steps in a row")
+    # distributed: `torchrun --nproc_per_node N train.py ...` runs data-parallel (grpo/dist.py)
+    fsdp: bool = field(False, "under torchrun: shard parameters, gradients and optimizer state (FSDP2) "
+                              "instead of keeping a whole copy per rank (DDP)")
     # supervised warm start (also the paper's SFT400 baselines)
     sft_data: str | None = field(None, "data for supervised steps on ground truths before GRPO")
     sft_steps: int = field(0, "supervised optimizer steps before GRPO")
@@ -110,6 +115,7 @@ def configure(argv=None) -> Config:
                  "save_every", "keep_checkpoints", "log_samples_every", "max_bad_steps", "sft_batch_size"):
         if getattr(cfg, name) <= 0:
             raise SystemExit(f"--{name} must be positive, got {getattr(cfg, name)}")
+    W = dist.world_size()                                   # distributed: ranks (1 in a plain run)
     checks = [
         (cfg.num_generations >= 2, f"--num_generations must be >= 2 for group-relative advantages, got {cfg.num_generations}"),
         (cfg.temperature > 0, f"--temperature must be > 0 for sampling, got {cfg.temperature}"),
@@ -119,6 +125,11 @@ def configure(argv=None) -> Config:
         (cfg.prompts_per_step * cfg.num_generations % cfg.steps_per_generation == 0,
          f"--prompts_per_step * --num_generations ({cfg.prompts_per_step * cfg.num_generations}) must divide "
          f"into --steps_per_generation ({cfg.steps_per_generation}) equal mini-batches"),
+        # distributed: each rank takes an equal share of the prompts and splits its completions into mini-batches
+        (cfg.prompts_per_step % W == 0 and cfg.prompts_per_step // W * cfg.num_generations % cfg.steps_per_generation == 0,
+         f"--prompts_per_step ({cfg.prompts_per_step}) must split evenly over the {W} ranks, and each rank's "
+         f"completions into --steps_per_generation ({cfg.steps_per_generation}) equal mini-batches"),
+        (dist.launched() or not cfg.fsdp, "--fsdp shards over torchrun's processes: torchrun --nproc_per_node N train.py"),
     ]
     for ok, message in checks:
         if not ok:
@@ -190,27 +201,33 @@ def policy_update(policy, optimizer, rollout: Rollout, advantages, old_logp, ref
     N = len(advantages)
     rows_per_step = N // cfg.steps_per_generation
     # With no KL and no entropy term, a zero-advantage row's loss is exactly 0: skip its forward/backward.
-    skip_flat = cfg.skip_zero_advantage and cfg.beta == 0 and cfg.entropy_coef == 0
+    # distributed: not with several ranks, which must all run the same micro-batches (FSDP communicates in each).
+    skip_flat = cfg.skip_zero_advantage and cfg.beta == 0 and cfg.entropy_coef == 0 and dist.world_size() == 1
     totals = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0, "skipped": 0}
     bar = tqdm(total=N, desc="update", leave=False)
     for k in range(cfg.steps_per_generation):
         rows = torch.arange(k * rows_per_step, (k + 1) * rows_per_step, device=advantages.device)
-        n_tokens = rollout.completion_mask[rows].sum().clamp(min=1)       # every row counts, fixed before backward
+        # Every row counts, fixed before backward. distributed: the count of all ranks' rows together.
+        n_tokens = dist.sum_over_ranks(rollout.completion_mask[rows].sum()).clamp(min=1)
         if skip_flat:
             rows = rows[advantages[rows] != 0] if (advantages[rows] != 0).any() else rows[:1]
-        for micro in rows.split(cfg.micro_batch_size):
+        micro_batches = rows.split(cfg.micro_batch_size)
+        for i, micro in enumerate(micro_batches):
             mb = rollout.select(micro)
             t = mb.completion_mask.shape[1]
-            with autocast():
+            # distributed: DDP all-reduces gradients in the backward of the step's last micro-batch only
+            with autocast(), dist.no_sync(policy, sync=i == len(micro_batches) - 1):
                 logp, entropy = policy(mb.input_ids, mb.attention_mask, mb.completion_mask, cfg.temperature)
             # One optimizer step per rollout: on-policy, so old = current (ratio 1, clipping inactive).
             old = logp.detach() if cfg.steps_per_generation == 1 else old_logp[micro, :t]
             ref = ref_logp[micro, :t] if ref_logp is not None else None
             token_loss, parts = grpo_token_loss(logp, old, advantages[micro], cfg.epsilon, cfg.epsilon_high,
                                                 ref, cfg.beta, entropy, cfg.entropy_coef)
-            loss = masked_sum(token_loss, mb.completion_mask) / n_tokens
+            # distributed: DDP and FSDP average gradients over ranks, so each rank's loss is multiplied by the
+            # number of ranks: their average is then the whole batch's loss, and its gradient the single-process one.
+            loss = masked_sum(token_loss, mb.completion_mask) / n_tokens * dist.world_size()
             loss.backward()
-            scale = 1.0 / (n_tokens.item() * cfg.steps_per_generation)
+            scale = dist.world_size() / (n_tokens.item() * cfg.steps_per_generation)   # distributed: as the loss
             totals["loss"] += loss.item() / cfg.steps_per_generation
             totals["kl"] += masked_sum(parts["kl"], mb.completion_mask).item() * scale
             totals["entropy"] += masked_sum(entropy.detach(), mb.completion_mask).item() * scale
@@ -230,10 +247,12 @@ def policy_update(policy, optimizer, rollout: Rollout, advantages, old_logp, ref
 
 def main(argv=None):
     cfg = configure(argv)
+    dist.setup()                    # distributed: join torchrun's process group; other ranks than 0 print nothing
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     print(config_json(cfg))
-    (out / "train_config.json").write_text(config_json(cfg))
+    if dist.rank() == 0:            # distributed: rank 0 alone writes files (here and below)
+        (out / "train_config.json").write_text(config_json(cfg))
     torch.manual_seed(cfg.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # bf16 compute on GPU with float32 master weights and AdamW state (trap 7); plain float32 on CPU.
@@ -244,8 +263,9 @@ def main(argv=None):
     if cfg.model == "tiny":
         from grpo.tiny import save_tiny_model
         model_path = str(out / "tiny-init")
-        if not Path(model_path, "config.json").is_file():
+        if dist.rank() == 0 and not Path(model_path, "config.json").is_file():
             save_tiny_model(model_path)
+        dist.barrier()
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     examples = load_examples(cfg.data, split=cfg.data_split)
     prompts, n_truncated = build_prompts(tokenizer, examples, cfg.max_prompt_length)
@@ -264,19 +284,22 @@ def main(argv=None):
     if cfg.sft_steps > 0:          # the reference is the policy GRPO starts from: after the warm start
         ref_path = str(out / "sft-init")
         if not resumed:
-            sft_warm_start(cfg, policy, tokenizer, autocast)
-            model.save_pretrained(ref_path)
-            tokenizer.save_pretrained(ref_path)
+            sft_warm_start(cfg, policy, tokenizer, autocast)          # every rank: the same steps on the same data
+            if dist.rank() == 0:
+                model.save_pretrained(ref_path)
+                tokenizer.save_pretrained(ref_path)
+            dist.barrier()
     ref_policy = None
     if cfg.beta > 0:
         ref_model = load_model(ref_path, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32,
                                trust_remote_code=cfg.trust_remote_code).eval().requires_grad_(False)
         ref_policy = CompletionLogprobs(ref_model, cfg.logprob_chunk_size)
 
+    policy = dist.wrap(policy, cfg.fsdp)    # distributed: DDP, or FSDP2 with --fsdp (shards `model` in place)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     start_step = 0
     if resumed:
-        optimizer.load_state_dict(resumed[1]["optimizer"])
+        dist.load_optimizer_state(model, optimizer, resumed[1]["optimizer"])   # saved by any number of ranks
         start_step = resumed[1]["step"]
         print(f"resumed from {resumed[0]} at step {start_step}")
 
@@ -286,20 +309,21 @@ def main(argv=None):
     reward_cfg = RewardConfig(length=cfg.reward_length, scale=cfg.reward_scale, granularity=cfg.reward_granularity)
     print(f"{len(prompts)} prompts ({n_truncated} truncated), {steps_per_epoch} steps per epoch | "
           f"{B} x {G} = {B * G} completions per step, {cfg.steps_per_generation} optimizer steps per rollout, "
-          f"up to {B * G * cfg.max_new_tokens:,} completion tokens per step | device {device}")
-    log = StepLog(out, cfg.max_steps, start_step)
+          f"up to {B * G * cfg.max_new_tokens:,} completion tokens per step | device {device} x {dist.world_size()}")
+    log = StepLog(out, cfg.max_steps, start_step) if dist.rank() == 0 else None
     bad_steps = 0
 
     # ---- the loop: sample -> score -> advantages -> update -> log -> save
     for step in range(start_step, cfg.max_steps):
         t0 = time.perf_counter()
-        torch.manual_seed(cfg.seed * 1_000_000 + step * 1_000)  # sampling stream: a function of (seed, step)
+        torch.manual_seed(cfg.seed * 1_000_000 + step * 1_000 + dist.rank())  # sampling: (seed, step, rank)
         epoch, position = divmod(step, steps_per_epoch)     # the prompt order is a function of (seed, epoch)
         order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed + epoch))
-        batch = order[position * B:(position + 1) * B].tolist()
-        rollout = generate_rollout(model, [prompts[i] for i in batch], num_generations=G,
-                                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                   eos_ids=eos_ids, pad_id=pad_id, batch_size=cfg.generation_batch_size)
+        batch = dist.shard(order[position * B:(position + 1) * B].tolist())  # distributed: this rank's B / ranks
+        with dist.full_weights(policy):     # distributed: FSDP gathers its shards once for the whole rollout
+            rollout = generate_rollout(model, [prompts[i] for i in batch], num_generations=G,
+                                       max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                       eos_ids=eos_ids, pad_id=pad_id, batch_size=cfg.generation_batch_size)
         t1 = time.perf_counter()
 
         completions = decode_completions(tokenizer, rollout)                                     # B*G strings
@@ -319,11 +343,12 @@ def main(argv=None):
         t3 = time.perf_counter()
 
         lengths = rollout.completion_mask.sum(1).float()
+        all_rewards = dist.gather(rewards)                  # distributed: every rank's, for whole-batch statistics
         metrics = {
             "step": step + 1, "epoch": epoch,
-            "reward": rewards.mean().item(), "reward_std": rewards.std().item(),
+            "reward": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
             **{f"rewards/{k}": sum(s[k] for s in scores) / len(scores) for k in ("format", "correctness", "length")},
-            "frac_reward_zero_std": zero_std_fraction(rewards, G),
+            "frac_reward_zero_std": zero_std_fraction(all_rewards, G),
             "completion_length": lengths.mean().item(),
             "clipped_ratio": rollout.truncated.float().mean().item(),
             **stats, "learning_rate": optimizer.param_groups[0]["lr"],
@@ -332,19 +357,22 @@ def main(argv=None):
         }
         if device == "cuda":
             metrics["memory/peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        log.write(metrics)
-        if (step + 1) % cfg.log_samples_every == 0 or step == start_step:
-            log.samples(step + 1, completions[:G], truths[:G], scores[:G])
+        metrics = dist.mean_over_ranks(metrics)             # distributed: per-rank shares -> the whole batch's
+        if log:                                             # distributed: rank 0 alone logs
+            log.write(metrics)
+            if (step + 1) % cfg.log_samples_every == 0 or step == start_step:
+                log.samples(step + 1, completions[:G], truths[:G], scores[:G])
 
-        bad_steps = bad_steps + 1 if stats["skipped"] or not math.isfinite(stats["loss"]) else 0
+        bad_steps = bad_steps + 1 if metrics["skipped"] or not math.isfinite(metrics["loss"]) else 0
         if bad_steps >= cfg.max_bad_steps:
             path = ckpt.save_checkpoint(out, step + 1, model, tokenizer, optimizer, config_json(cfg), cfg.keep_checkpoints)
             raise SystemExit(f"aborting: {bad_steps} steps in a row had a non-finite loss or gradient (skipped). "
                              f"Weights from before them are in {path}; try a lower --learning_rate.")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
             ckpt.save_checkpoint(out, step + 1, model, tokenizer, optimizer, config_json(cfg), cfg.keep_checkpoints)
-    plot_rewards(out)
-    print(trend(out))
+    if dist.rank() == 0:
+        plot_rewards(out)
+        print(trend(out))
 
 
 if __name__ == "__main__":
