@@ -122,10 +122,8 @@ def configure(argv=None) -> Config:
         (cfg.sft_steps >= 0, f"--sft_steps must be >= 0, got {cfg.sft_steps}"),
         (min(cfg.learning_rate, cfg.weight_decay, cfg.beta, cfg.entropy_coef, cfg.epsilon, cfg.epsilon_high) >= 0,
          "--learning_rate, --weight_decay, --beta, --entropy_coef, --epsilon, --epsilon_high must be >= 0"),
-        (cfg.prompts_per_step * cfg.num_generations % cfg.steps_per_generation == 0,
-         f"--prompts_per_step * --num_generations ({cfg.prompts_per_step * cfg.num_generations}) must divide "
-         f"into --steps_per_generation ({cfg.steps_per_generation}) equal mini-batches"),
-        # distributed: each rank takes an equal share of the prompts and splits its completions into mini-batches
+        # each rank (one in a plain run) takes an equal share of the prompts and splits its completions into
+        # --steps_per_generation equal mini-batches
         (cfg.prompts_per_step % W == 0 and cfg.prompts_per_step // W * cfg.num_generations % cfg.steps_per_generation == 0,
          f"--prompts_per_step ({cfg.prompts_per_step}) must split evenly over the {W} ranks, and each rank's "
          f"completions into --steps_per_generation ({cfg.steps_per_generation}) equal mini-batches"),
