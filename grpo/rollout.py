@@ -13,13 +13,16 @@ Three traps that silently broke other GRPO implementations are handled here (GRP
 Notation: B prompts, G completions per prompt, N = B * G sequences (prompt-major), P prompt tokens
 (left-padded), T completion tokens (right-padded).
 """
+import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
-from transformers import GenerationConfig
+from transformers import DynamicCache, GenerationConfig
+from transformers.cache_utils import DynamicLayer
 
+from grpo.logprobs import position_ids_from_mask
 from grpo.model import is_checkpointing, set_checkpointing
 
 
@@ -105,15 +108,123 @@ def _right_pad(x: torch.Tensor, width: int, value: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
 
 
+# Tokens per `generate` call before finished rows are dropped: a call costs a few milliseconds of set-up, a
+# finished row kept alive costs a full decode step per token, so a short segment wastes little of either.
+SEGMENT_TOKENS = 32
+
+
+class _ReservedLayer(DynamicLayer):
+    """A layer of the KV cache that appends into room reserved for a whole segment.
+
+    HF's DynamicLayer appends with torch.cat, which copies the layer's entire cache on every decode step: a read
+    and a write of all of it, twice what attention itself reads (on a CPU, a fresh allocation as well). Here a
+    step writes its one token; `reserve(n)` copies the cache once per segment into a buffer with room for n more.
+    `keys` / `values` are views of the filled part, so attention sees exactly what DynamicLayer would give it.
+    """
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._keys = self._values = None        # (n, kv_heads, capacity, head_dim) once reserved
+
+    def reserve(self, tokens: int) -> None:
+        length = self.get_seq_length()
+        if length == 0 or (self._keys is not None and self._keys.shape[2] >= length + tokens):
+            return
+        n, heads, _, dim = self.keys.shape
+        self._keys = self.keys.new_empty(n, heads, length + tokens, dim)
+        self._values = self.values.new_empty(n, heads, length + tokens, dim)
+        self._keys[:, :, :length], self._values[:, :, :length] = self.keys, self.values
+        self.keys, self.values = self._keys[:, :, :length], self._values[:, :, :length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, end = self.get_seq_length(), self.get_seq_length() + key_states.shape[2]
+        if self._keys is None or self._keys.shape[2] < end:                  # no room reserved: concatenate
+            self._keys = self._values = None
+            return super().update(key_states, value_states)
+        self._keys[:, :, start:end], self._values[:, :, start:end] = key_states, value_states
+        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+        return self.keys, self.values
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._keys = self._values = None
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._keys = self._values = None
+
+
+def _new_cache(model) -> DynamicCache:
+    """The model's DynamicCache with each plain full-attention layer swapped for a _ReservedLayer."""
+    cache = DynamicCache(config=model.config)
+    cache.layers = [_ReservedLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
+def _prefill_shared(model, ids: torch.Tensor, mask: torch.Tensor, repeats: int) -> DynamicCache:
+    """KV cache of every prompt token but the last, computed once per prompt and repeated for its G rows.
+
+    ids, mask: (b, P). Returns a cache for (b*G, P-1) tokens, prompt-major. The last prompt token is left for
+    `generate`, whose first forward needs at least one new token to produce the first completion logits.
+    Positions skip left padding exactly as `generate` computes them, so the cache equals what `generate`
+    would have built for each of the G copies itself (G times the work).
+    """
+    cache = _new_cache(model)
+    if ids.shape[1] > 1:
+        model.base_model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
+                         position_ids=position_ids_from_mask(mask[:, :-1]), cache=cache, use_cache=True)
+        cache.batch_repeat_interleave(repeats)                               # (b, ...) -> (b*G, ...)
+    return cache
+
+
+def _sample_group(model, ids: torch.Tensor, mask: torch.Tensor, G: int, config: GenerationConfig,
+                  pad_id: int) -> torch.Tensor:
+    """G completions for each of b prompts: (b, P) -> (b*G, t) completion ids, right-padded with pad_id.
+
+    Two savings over one `generate(num_return_sequences=G)` call, which computes each prompt G times and keeps
+    decoding rows that already ended until the longest one does (GRPO_NOTES trap 11):
+    - the prompt is prefilled once and its cache shared by its G rows (`_prefill_shared`);
+    - generation runs in segments of SEGMENT_TOKENS; after each, rows that produced an EOS leave the batch
+      and the cache, so later steps pay only for the rows still going.
+    Sampling is unchanged: each segment is a `generate` call with the same explicit config.
+    """
+    max_new = config.max_new_tokens
+    cache = _prefill_shared(model, ids, mask, G)
+    seq, seq_mask = ids.repeat_interleave(G, dim=0), mask.repeat_interleave(G, dim=0)      # (b*G, P)
+    out = torch.full((len(seq), max_new), pad_id, dtype=torch.long, device=ids.device)     # (b*G, max_new)
+    alive = torch.arange(len(seq), device=ids.device)                # rows of `out` still generating
+    eos = torch.tensor(config.eos_token_id, device=ids.device)
+    done = 0
+    while done < max_new and len(alive):
+        segment = copy.copy(config)
+        segment.max_new_tokens = min(SEGMENT_TOKENS, max_new - done)
+        for layer in cache.layers:
+            if isinstance(layer, _ReservedLayer):
+                layer.reserve(segment.max_new_tokens)                   # each decode step adds one token
+        full = model.generate(input_ids=seq, attention_mask=seq_mask, cache=cache, generation_config=segment)
+        new = full[:, seq.shape[1]:]                                 # (alive, s): s < segment if all ended
+        out[alive, done:done + new.shape[1]] = new
+        done += new.shape[1]
+        going = ~torch.isin(new, eos).any(dim=1)                     # (alive,): no EOS yet
+        seq = full
+        seq_mask = torch.cat([seq_mask, torch.ones_like(new)], dim=1)  # going rows: every new token is real
+        if not going.all():
+            keep = going.nonzero().squeeze(1)
+            seq, seq_mask, alive = seq[keep], seq_mask[keep], alive[keep]
+            cache.batch_select_indices(keep)
+    return out[:, :done]
+
+
 @torch.no_grad()
 def generate_rollout(model, prompts: list[list[int]], *, num_generations: int, max_new_tokens: int,
                      temperature: float, eos_ids: list[int], pad_id: int, batch_size: int) -> Rollout:
     """Sample `num_generations` completions for each prompt (token ids), `batch_size` sequences per
-    `generate` call. On CUDA out-of-memory the sub-batch is halved and the call retried."""
+    batch (`_sample_group`). On CUDA out-of-memory the batch is halved and retried."""
     G, device = num_generations, next(model.parameters()).device
     config = sampling_config(temperature, max_new_tokens, eos_ids, pad_id)
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)                      # (B, P)
-    P = prompt_ids.shape[1]
     prompts_per_call = max(1, batch_size // G)
     outputs, start = [], 0
     bar = tqdm(total=len(prompts) * G, desc="generate", leave=False)
@@ -122,8 +233,7 @@ def generate_rollout(model, prompts: list[list[int]], *, num_generations: int, m
             ids = prompt_ids[start:start + prompts_per_call].to(device)
             mask = prompt_mask[start:start + prompts_per_call].to(device)
             try:
-                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                                     num_return_sequences=G)                # (b * G, P + t), prompt-major
+                out = _sample_group(model, ids, mask, G, config, pad_id)    # (b * G, t), prompt-major
             except torch.OutOfMemoryError:
                 if prompts_per_call == 1:
                     raise
@@ -131,7 +241,7 @@ def generate_rollout(model, prompts: list[list[int]], *, num_generations: int, m
                 torch.cuda.empty_cache()
                 print(f"out of memory in generation: retrying with {prompts_per_call * G} sequences per call")
                 continue
-            outputs.append(out[:, P:])
+            outputs.append(out)
             start += prompts_per_call
             bar.update(len(out))
     bar.close()

@@ -1,0 +1,126 @@
+"""bench/bench_grpo.py end to end on a tiny config, and the generation levers it measures against plain `generate`."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import bench_grpo  # noqa: E402
+
+from grpo import rollout as R  # noqa: E402
+from grpo.model import load_model, load_tokenizer  # noqa: E402
+
+
+@pytest.fixture
+def one_thread():
+    """Two threads on a shared 2-core machine can be 100x slower than one (OpenMP waits); restore afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_bench_runs_and_reports(tmp_path, one_thread):
+    out = tmp_path / "bench.json"
+    bench_grpo.main(["--config", "tiny", "--prompts", "2", "--num_generations", "4", "--prompt_tokens", "24",
+                     "--completion_tokens", "8", "--micro_batch_size", "4", "--steps", "2", "--beta", "0.01",
+                     "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert set(result["phases"]) == {"generation", "reward", "logprobs", "update"}
+    assert result["step_time"] > 0 and result["peak_gb"] > 0 and 0 < result["mfu"] < result["hfu"]
+    assert result["mean_completion_tokens"] == 8                            # --ignore_eos: every row is T long
+    assert result["floor"] > 0
+
+
+@pytest.fixture(scope="module")
+def sharp_tiny(tiny_model_dir):
+    """The tiny model with weights scaled up, so that greedy completions vary and end at different steps."""
+    model, tok = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(30)
+    texts = ["hi", "what is the weather in Paris today please", "book a table for two", "a",
+             "send an email to bob about the meeting tomorrow at noon", "x y z"]
+    return model.eval(), tok, [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def _padded(x, width, value):
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+
+def test_shared_prefix_sampling_equals_plain_generate(sharp_tiny, one_thread):
+    """No row ends (its EOS id is out of the vocabulary): the shared-prefix path draws the same random numbers
+    for the same rows as one generate(num_return_sequences=G), so the sampled tokens are identical."""
+    model, tok, prompts = sharp_tiny
+    kwargs = dict(num_generations=3, max_new_tokens=20, temperature=1.0, eos_ids=[model.config.vocab_size],
+                  pad_id=R.pad_token_id(tok), batch_size=9)
+    torch.manual_seed(5)
+    ours = R.generate_rollout(model, prompts, **kwargs)
+    torch.manual_seed(5)
+    plain = bench_grpo.plain_generate_rollout(model, prompts, **kwargs)
+    assert torch.equal(ours.input_ids, plain.input_ids) and torch.equal(ours.attention_mask, plain.attention_mask)
+
+
+@pytest.mark.parametrize("segment", [1, 4, 1000])
+def test_dropping_finished_rows_changes_no_token(sharp_tiny, segment, one_thread, monkeypatch):
+    """Near-greedy sampling, EOS ids chosen so that rows end at different steps: rows leaving the batch (and
+    the cache) mid-way must not change any other row's tokens, masks or truncation flags."""
+    model, tok, prompts = sharp_tiny
+    monkeypatch.setattr(R, "SEGMENT_TOKENS", segment)
+    kwargs = dict(num_generations=2, max_new_tokens=40, temperature=1e-6, eos_ids=[222, 1252, 833, 1200],
+                  pad_id=R.pad_token_id(tok), batch_size=4)
+    ours = R.generate_rollout(model, prompts, **kwargs)
+    plain = bench_grpo.plain_generate_rollout(model, prompts, **kwargs)
+    lengths = plain.completion_mask.sum(1)
+    assert lengths.min() < lengths.max() < 40 and not plain.truncated.any()   # the case this test is about
+    width = max(ours.completion_mask.shape[1], plain.completion_mask.shape[1])
+    assert torch.equal(_padded(ours.completion_mask, width, 0), _padded(plain.completion_mask, width, 0))
+    kept = _padded(plain.completion_mask, width, 0)
+    ours_ids, plain_ids = _padded(ours.completion_ids, width, 0), _padded(plain.completion_ids, width, 0)
+    assert torch.equal(ours_ids[kept], plain_ids[kept]) and torch.equal(ours.truncated, plain.truncated)
+
+
+@pytest.mark.parametrize("temperature,entropy_in_loss", [(1.0, False), (0.7, True), (1.3, False)])
+def test_fused_chunk_equals_checkpointed_chunk(temperature, entropy_in_loss):
+    """bench/fused_logprobs.py against grpo.logprobs._chunk_logprobs (plain autograd): values and gradients."""
+    from fused_logprobs import ChunkLogprobs
+    from grpo.logprobs import _chunk_logprobs
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(11, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(50, (11,), generator=g)
+    up_logp, up_ent = torch.randn(11, generator=g, dtype=torch.float64), torch.randn(11, generator=g, dtype=torch.float64)
+    results = []
+    for fn in (_chunk_logprobs, ChunkLogprobs.apply):
+        logp, ent = fn(hidden, targets, weight, temperature)
+        loss = (logp * up_logp).sum() + ((ent * up_ent).sum() if entropy_in_loss else 0)
+        results.append((logp, ent, *torch.autograd.grad(loss, (hidden, weight))))
+    for ours, ref in zip(results[1], results[0]):   # both compute the logits in float32 (`.float()`)
+        torch.testing.assert_close(ours.double(), ref.double(), rtol=1e-4, atol=1e-5)
+
+
+def test_fused_chunk_in_completion_logprobs(tiny_model_dir, monkeypatch):
+    """Swapped into grpo.logprobs (as bench_grpo.py --logprobs fused does): same log-probs and weight gradients
+    for a ragged batch as the checkpointed chunks, entropy bonus included."""
+    import fused_logprobs
+    from grpo import logprobs
+    model = load_model(str(tiny_model_dir))
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, model.config.vocab_size, (4, 12), generator=g)
+    attn = torch.ones_like(ids)
+    attn[1, :3] = 0                                                          # left padding
+    comp = torch.ones(4, 5, dtype=torch.bool)
+    comp[2, 3:] = False                                                      # an early end
+    results = []
+    for fused in (False, True):
+        if fused:
+            monkeypatch.setattr(logprobs, "_chunk_logprobs", fused_logprobs.chunk_logprobs)
+            monkeypatch.setattr(logprobs, "checkpoint", lambda fn, *args, use_reentrant=False:
+                                fused_logprobs.ChunkLogprobs.apply(*args))
+        logp, ent = logprobs.CompletionLogprobs(model, chunk_size=7)(ids, attn, comp, 0.9)
+        loss = (logp * torch.linspace(-1, 1, 5)).sum() - 0.01 * ent.sum()
+        results.append((logp.detach(), *torch.autograd.grad(loss, list(model.parameters()))))
+    for ours, ref in zip(results[1], results[0]):
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
