@@ -536,6 +536,9 @@ def run_engine(bc: Bench) -> dict:
         summary = dict(step_time=step_time, peak_gb=result["peak_gb"])
     else:
         summary = report(bc, run_ours(bc, device), device)
+    if device == "cuda":                   # what the caching allocator held, fragmentation included
+        summary["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
+        print(f"CUDA peak reserved: {summary['peak_reserved_gb']:.2f} GB (allocated: {summary['peak_gb']:.2f} GB)")
     summary.update(engine=bc.engine, device=device, threads=torch.get_num_threads(), bench=asdict(bc))
     if bc.json:
         Path(bc.json).write_text(json.dumps(summary, indent=1))
@@ -553,17 +556,24 @@ def compare(bc: Bench) -> None:
                 out = Path(tmp, f"{engine}{r}.json")
                 cmd = [sys.executable, __file__, *passthrough, "--engine", engine, "--json", str(out)]
                 print(f"\n### round {r + 1}/{bc.rounds}: {engine}", flush=True)
-                subprocess.run(cmd, check=True)
-                results[engine].append(json.loads(out.read_text()))
+                code = subprocess.run(cmd).returncode
+                if code or not out.is_file():       # e.g. out of memory: report it, keep the other engine's numbers
+                    print(f"### {engine} failed (exit code {code})", flush=True)
+                results[engine].append(json.loads(out.read_text()) if out.is_file() else None)
     print(f"\n== ours vs {bc.vs} ({bc.rounds} rounds, each engine in its own process)")
     print(f"{'round':<7}{'ours s':>10}{bc.vs + ' s':>10}{'ratio':>8}{'ours GB':>10}{bc.vs + ' GB':>10}")
     ratios = []
     for r, (a, b) in enumerate(zip(results["ours"], results[bc.vs])):
+        if a is None or b is None:
+            print(f"{r + 1:<7}" + "  ".join(f"{name} failed" for name, x in (("ours", a), (bc.vs, b)) if x is None))
+            continue
         ratios.append(a["step_time"] / b["step_time"])
-        print(f"{r + 1:<7}{a['step_time']:>10.3f}{b['step_time']:>10.3f}{ratios[-1]:>8.3f}{a['peak_gb']:>10.2f}{b['peak_gb']:>10.2f}")
-    print(f"median step-time ratio ours / {bc.vs}: {statistics.median(ratios):.3f}; peak memory ours "
-          f"{statistics.median(a['peak_gb'] for a in results['ours']):.2f} GB vs "
-          f"{statistics.median(b['peak_gb'] for b in results[bc.vs]):.2f} GB")
+        print(f"{r + 1:<7}{a['step_time']:>10.3f}{b['step_time']:>10.3f}{ratios[-1]:>8.3f}{a['peak_gb']:>10.2f}"
+              f"{b['peak_gb']:>10.2f}")
+    if ratios:
+        print(f"median step-time ratio ours / {bc.vs}: {statistics.median(ratios):.3f} ({bc.clock} time); peak memory "
+              f"ours {statistics.median(a['peak_gb'] for a in results['ours'] if a):.2f} GB vs "
+              f"{statistics.median(b['peak_gb'] for b in results[bc.vs] if b):.2f} GB")
     if bc.json:
         Path(bc.json).write_text(json.dumps(dict(results, ratios=ratios), indent=1))
 
