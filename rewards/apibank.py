@@ -24,7 +24,9 @@ LEVELS = (1, 2, 3)  # 399 / 67 / 131 items; overall accuracy = correct / 597
 
 def parse_calls(text: str) -> list:
     """Model output -> the JSON values on the lines of its last `<tool_call>` block; never raises."""
-    block = text.split("<tool_call>")[-1].split("</tool_call>")[0]
+    # stripped as the reference does: str.strip() also removes Unicode spaces (\u3000, \x85, ...)
+    # that json.loads rejects, so a call right after the tag must not be lost to them
+    block = text.split("<tool_call>")[-1].split("</tool_call>")[0].strip()
     calls = []
     for line in block.split("\n"):
         if not line.strip():

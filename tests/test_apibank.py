@@ -32,6 +32,8 @@ CASES = [
     ("no <tool_call>: the whole output is read", CALL, True),
     ("no <tool_call>, prose around the call", "Sure! " + CALL, False),
     ("unclosed block", "<tool_call>\n" + CALL, True),
+    # the block is str.strip()ped as in the reference, which also drops Unicode spaces json rejects
+    ("Unicode spaces around the block are stripped", "<tool_call>\u3000" + CALL + "\u2028</tool_call>", True),
     ("only the last block counts", block(CALL) + "\n<tool_call>\n{}\n</tool_call>", False),
     ("two calls on one line do not parse", block(CALL + " " + CALL), False),
     ("a dict with name only is taken as parameters", block(json.dumps({"name": GOLD["name"]})), False),
