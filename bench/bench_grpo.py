@@ -79,6 +79,8 @@ class Bench:
     generation: str = field("ours", "ours: grpo.rollout (shared prefix, finished rows dropped); plain: one HF "
                                      "generate(num_return_sequences=G) per batch, the path before those levers",
                             choices=["ours", "plain"])
+    compile_generation: bool = field(False, "ours, lever: generate on a static KV cache with a torch.compile'd decode "
+                                            "step (train.py --compile_generation)")
     segment_tokens: int = field(0, "ours: tokens per generate segment before finished rows leave "
                                    "(grpo.rollout.SEGMENT_TOKENS; 0 = its default, >= T = never drop)")
     logprobs: str = field("checkpointed", "LM-head chunks: grpo.logprobs as it is (checkpointed), or the fused "
@@ -290,9 +292,13 @@ def run_ours(bc: Bench, device: str) -> dict:
         memory.reset()
         torch.manual_seed(bc.seed * 1_000_000 + step * 1_000)             # train.py's sampling stream
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda" and bc.generation_autocast):
-            rollout = (generate_rollout if bc.generation == "ours" else plain_generate_rollout)(model, prompts[step * B:(step + 1) * B], num_generations=G,
-                                       max_new_tokens=bc.completion_tokens, temperature=cfg.temperature,
-                                       eos_ids=eos_ids, pad_id=pad_token_id(tok), batch_size=bc.generation_batch_size)
+            kwargs = dict(num_generations=G, max_new_tokens=bc.completion_tokens, temperature=cfg.temperature,
+                          eos_ids=eos_ids, pad_id=pad_token_id(tok), batch_size=bc.generation_batch_size)
+            batch = prompts[step * B:(step + 1) * B]
+            if bc.generation == "ours":
+                rollout = generate_rollout(model, batch, compile=bc.compile_generation, **kwargs)
+            else:
+                rollout = plain_generate_rollout(model, batch, **kwargs)
         if bc.empty_cache and device == "cuda":
             torch.cuda.empty_cache()
         mark("generation")

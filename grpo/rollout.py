@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
-from transformers import DynamicCache, GenerationConfig
+from transformers import CompileConfig, DynamicCache, GenerationConfig
 from transformers.cache_utils import DynamicLayer
 
 from grpo.logprobs import position_ids_from_mask
@@ -217,12 +217,34 @@ def _sample_group(model, ids: torch.Tensor, mask: torch.Tensor, G: int, config: 
     return out[:, :done]
 
 
+def _sample_compiled(model, ids: torch.Tensor, mask: torch.Tensor, G: int, config: GenerationConfig,
+                     pad_id: int) -> torch.Tensor:
+    """G completions for each of b prompts from one `generate` call on a static KV cache, whose decode step
+    torch.compile turns into one fused graph (CUDA graphs on GPU): (b, P) -> (b*G, t) completion ids.
+
+    Static shapes are the price: every prompt is prefilled G times (its row repeated) and finished rows
+    keep decoding until the last one ends. The cache length is rounded up to a power of two, and HF keeps the
+    longest cache it has made, so a run compiles for a few lengths (and the last, smaller batch) and then reuses them.
+    """
+    segment = copy.copy(config)
+    segment.cache_implementation = "static"
+    segment.max_cache_len = 1 << (ids.shape[1] + config.max_new_tokens - 1).bit_length()
+    segment.compile_config = CompileConfig(dynamic=False)
+    segment.compile_config._compile_all_devices = True      # HF compiles only on accelerators unless told
+    full = model.generate(input_ids=ids.repeat_interleave(G, dim=0), attention_mask=mask.repeat_interleave(G, dim=0),
+                          generation_config=segment)                         # (b*G, P + t)
+    return full[:, ids.shape[1]:]
+
+
 @torch.no_grad()
 def generate_rollout(model, prompts: list[list[int]], *, num_generations: int, max_new_tokens: int,
-                     temperature: float, eos_ids: list[int], pad_id: int, batch_size: int) -> Rollout:
+                     temperature: float, eos_ids: list[int], pad_id: int, batch_size: int,
+                     compile: bool = False) -> Rollout:
     """Sample `num_generations` completions for each prompt (token ids), `batch_size` sequences per
-    batch (`_sample_group`). On CUDA out-of-memory the batch is halved and retried."""
+    batch (`_sample_group`, or `_sample_compiled` with `compile`). On CUDA out-of-memory the batch is
+    halved and retried."""
     G, device = num_generations, next(model.parameters()).device
+    sample = _sample_compiled if compile else _sample_group
     config = sampling_config(temperature, max_new_tokens, eos_ids, pad_id)
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)                      # (B, P)
     prompts_per_call = max(1, batch_size // G)
@@ -233,7 +255,7 @@ def generate_rollout(model, prompts: list[list[int]], *, num_generations: int, m
             ids = prompt_ids[start:start + prompts_per_call].to(device)
             mask = prompt_mask[start:start + prompts_per_call].to(device)
             try:
-                out = _sample_group(model, ids, mask, G, config, pad_id)    # (b * G, t), prompt-major
+                out = sample(model, ids, mask, G, config, pad_id)           # (b * G, t), prompt-major
             except torch.OutOfMemoryError:
                 if prompts_per_call == 1:
                     raise

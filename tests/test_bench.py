@@ -82,6 +82,26 @@ def test_dropping_finished_rows_changes_no_token(sharp_tiny, segment, one_thread
     assert torch.equal(ours_ids[kept], plain_ids[kept]) and torch.equal(ours.truncated, plain.truncated)
 
 
+def test_compiled_static_cache_generation(sharp_tiny, one_thread):
+    """--compile_generation: greedy tokens equal the eager path's, and a second rollout whose prompts have another
+    length inside the same power-of-two cache bucket reuses the compiled graph instead of compiling again."""
+    from torch._dynamo.utils import counters
+    model, tok, prompts = sharp_tiny
+    kwargs = dict(num_generations=2, max_new_tokens=12, temperature=0.0, eos_ids=[222, 1252, 833, 1200],
+                  pad_id=R.pad_token_id(tok), batch_size=4)
+    torch._dynamo.reset()
+    for i, batch in enumerate((prompts[1:3], prompts[3:5])):   # longest prompt 11, then 18 tokens: cache 32 both times
+        eager = R.generate_rollout(model, batch, **kwargs)
+        compiled = R.generate_rollout(model, batch, compile=True, **kwargs)
+        width = max(eager.completion_mask.shape[1], compiled.completion_mask.shape[1])
+        assert torch.equal(_padded(eager.completion_mask, width, 0), _padded(compiled.completion_mask, width, 0))
+        assert torch.equal(_padded(eager.completion_ids, width, 0) * _padded(eager.completion_mask, width, 0),
+                           _padded(compiled.completion_ids, width, 0) * _padded(compiled.completion_mask, width, 0))
+        if i == 0:
+            graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0 and counters["stats"]["unique_graphs"] == graphs
+
+
 @pytest.mark.parametrize("temperature,entropy_in_loss", [(1.0, False), (0.7, True), (1.3, False)])
 def test_fused_chunk_equals_checkpointed_chunk(temperature, entropy_in_loss):
     """bench/fused_logprobs.py against grpo.logprobs._chunk_logprobs (plain autograd): values and gradients."""
