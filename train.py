@@ -48,6 +48,7 @@ class Config:
     seed: int = field(42, "seed for the prompt order and sampling")
     resume: str | None = field(None, "output dir or checkpoint to continue from (newest usable checkpoint)")
     trust_remote_code: bool = field(False, "allow model code from the hub (off: only transformers' own code runs)")
+    cpu_threads: int = field(0, "torch's CPU threads (0: its default, one per core)")
     # rollout
     prompts_per_step: int = field(512, "prompts per rollout batch (B)")
     num_generations: int = field(4, "completions per prompt (G); advantages are relative within these")
@@ -55,6 +56,8 @@ class Config:
     max_new_tokens: int = field(1024, "completion tokens at most; longer completions are truncated")
     temperature: float = field(1.0, "sampling temperature; log-probs use the same one")
     generation_batch_size: int = field(256, "sequences per generate call (halved automatically on OOM)")
+    compile_generation: bool = field(False, "generate on a static KV cache with a torch.compile'd decode step "
+                                            "(no shared prefix, no early exit of finished rows; docs/PERFORMANCE.md)")
     # reward: ToolRL's three ablation axes (rewards/toolrl.py)
     reward_length: str = field("none", "length reward", choices=["none", "fixed", "dynamic"])
     reward_scale: str = field("original", "reward scale", choices=["original", "equal_max", "two_stage", "dynamic"])
@@ -97,6 +100,9 @@ TINY_PRESET = dict(
     temperature=0.7, max_steps=25, steps_per_generation=1, micro_batch_size=64, learning_rate=1e-3, beta=0.0,
     entropy_coef=0.0, gradient_checkpointing=False, sft_data="demo", sft_steps=60, sft_batch_size=16,
     sft_learning_rate=3e-3, save_every=10, log_samples_every=10,
+    # a 0.2M-parameter model's ops are too small to split: with 2 threads on a busy 2-core machine, OpenMP's
+    # waiting made generation 23x slower (13.4 s vs 0.58 s for the demo's 64 completions)
+    cpu_threads=1,
 )
 
 
@@ -120,6 +126,7 @@ def configure(argv=None) -> Config:
         (cfg.num_generations >= 2, f"--num_generations must be >= 2 for group-relative advantages, got {cfg.num_generations}"),
         (cfg.temperature > 0, f"--temperature must be > 0 for sampling, got {cfg.temperature}"),
         (cfg.sft_steps >= 0, f"--sft_steps must be >= 0, got {cfg.sft_steps}"),
+        (cfg.cpu_threads >= 0, f"--cpu_threads must be >= 0, got {cfg.cpu_threads}"),
         (min(cfg.learning_rate, cfg.weight_decay, cfg.beta, cfg.entropy_coef, cfg.epsilon, cfg.epsilon_high) >= 0,
          "--learning_rate, --weight_decay, --beta, --entropy_coef, --epsilon, --epsilon_high must be >= 0"),
         # each rank (one in a plain run) takes an equal share of the prompts and splits its completions into
@@ -252,6 +259,8 @@ def main(argv=None):
     if dist.rank() == 0:            # distributed: rank 0 alone writes files (here and below)
         (out / "train_config.json").write_text(config_json(cfg))
     torch.manual_seed(cfg.seed)
+    if cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # bf16 compute on GPU with float32 master weights and AdamW state (trap 7); plain float32 on CPU.
     autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")  # noqa: E731
@@ -321,7 +330,8 @@ def main(argv=None):
         with dist.full_weights(policy):     # distributed: FSDP gathers its shards once for the whole rollout
             rollout = generate_rollout(model, [prompts[i] for i in batch], num_generations=G,
                                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                       eos_ids=eos_ids, pad_id=pad_id, batch_size=cfg.generation_batch_size)
+                                       eos_ids=eos_ids, pad_id=pad_id, batch_size=cfg.generation_batch_size,
+                                       compile=cfg.compile_generation)
         t1 = time.perf_counter()
 
         completions = decode_completions(tokenizer, rollout)                                     # B*G strings
