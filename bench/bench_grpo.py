@@ -33,7 +33,6 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")                          # the trainer's progress bars
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))        # run from anywhere without installing
-sys.path.insert(0, str(Path(__file__).resolve().parent))            # bench/fused_logprobs.py
 import torch  # noqa: E402
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
@@ -83,9 +82,10 @@ class Bench:
                                             "step (train.py --compile_generation)")
     segment_tokens: int = field(0, "ours: tokens per generate segment before finished rows leave "
                                    "(grpo.rollout.SEGMENT_TOKENS; 0 = its default, >= T = never drop)")
-    logprobs: str = field("checkpointed", "LM-head chunks: grpo.logprobs as it is (checkpointed), or the fused "
-                                          "autograd Function of bench/fused_logprobs.py (a proposed change)",
-                          choices=["checkpointed", "fused"])
+    logprobs: str = field("chunked", "log-probs: grpo.logprobs as it is (chunked, hand-written backward); A/B "
+                                     "baselines: checkpointed (autograd through each chunk, checkpointed), full "
+                                     "(full-vocabulary logits of every position, then log_softmax + gather)",
+                          choices=["chunked", "checkpointed", "full"])
     kv_append: str = field("reserve", "ours: append to the KV cache into room reserved per segment (grpo.rollout), "
                                       "or with HF's torch.cat every step (the A/B baseline)",
                            choices=["reserve", "cat"])
@@ -241,10 +241,12 @@ def run_ours(bc: Bench, device: str) -> dict:
 
     if bc.segment_tokens:
         rollout_module.SEGMENT_TOKENS = bc.segment_tokens
-    if bc.logprobs == "fused":
-        import fused_logprobs
+    if bc.logprobs != "chunked":
         from grpo import logprobs as logprobs_module
-        fused_logprobs.install(logprobs_module)
+        if bc.logprobs == "checkpointed":
+            logprobs_module._ChunkLogprobs = CheckpointedChunk
+        else:
+            logprobs_module.CompletionLogprobs.forward = full_vocabulary_logprobs
     if bc.kv_append == "cat":
         from transformers import DynamicCache
         rollout_module._new_cache = lambda model: DynamicCache(config=model.config)
@@ -346,6 +348,33 @@ def plain_generate_rollout(model, prompts, *, num_generations, max_new_tokens, t
     input_ids = torch.cat([prompt_ids.to(device).repeat_interleave(G, dim=0), completion_ids], dim=1)
     attention_mask = torch.cat([prompt_mask.to(device).repeat_interleave(G, dim=0), comp_mask.long()], dim=1)
     return Rollout(input_ids, attention_mask, comp_mask, truncated)
+
+
+class CheckpointedChunk:
+    """The A/B baseline of grpo.logprobs._ChunkLogprobs: autograd through the chunk's plain expressions,
+    checkpointed, so backward re-runs all of them and then the backward of each."""
+
+    @staticmethod
+    def apply(*args):
+        from torch.utils.checkpoint import checkpoint
+        from grpo.logprobs import _chunk_logprobs
+        if torch.is_grad_enabled():
+            return checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+        return _chunk_logprobs(*args)
+
+
+def full_vocabulary_logprobs(self, input_ids, attention_mask, completion_mask, temperature=1.0):
+    """The A/B baseline of CompletionLogprobs.forward: (N, L, V) logits of every position, float32 log_softmax,
+    gather (the tests' naive reference; TRL's way, less its chunking of rows)."""
+    import torch.nn.functional as F
+    from grpo.logprobs import position_ids_from_mask
+    T = completion_mask.shape[1]
+    logits = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                        position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
+    logp = F.log_softmax(logits[:, -T - 1:-1].float() / temperature, dim=-1)              # (N, T, V)
+    token_logp = logp.gather(-1, input_ids[:, -T:, None]).squeeze(-1)                    # (N, T)
+    entropy = -(logp.exp() * logp).sum(-1)                                               # (N, T)
+    return token_logp * completion_mask, entropy * completion_mask
 
 
 def step_work(rollout, advantages, cfg) -> dict:

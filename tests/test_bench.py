@@ -102,29 +102,10 @@ def test_compiled_static_cache_generation(sharp_tiny, one_thread):
     assert graphs > 0 and counters["stats"]["unique_graphs"] == graphs
 
 
-@pytest.mark.parametrize("temperature,entropy_in_loss", [(1.0, False), (0.7, True), (1.3, False)])
-def test_fused_chunk_equals_checkpointed_chunk(temperature, entropy_in_loss):
-    """bench/fused_logprobs.py against grpo.logprobs._chunk_logprobs (plain autograd): values and gradients."""
-    from fused_logprobs import ChunkLogprobs
-    from grpo.logprobs import _chunk_logprobs
-    g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(11, 16, generator=g, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(50, 16, generator=g, dtype=torch.float64, requires_grad=True)
-    targets = torch.randint(50, (11,), generator=g)
-    up_logp, up_ent = torch.randn(11, generator=g, dtype=torch.float64), torch.randn(11, generator=g, dtype=torch.float64)
-    results = []
-    for fn in (_chunk_logprobs, ChunkLogprobs.apply):
-        logp, ent = fn(hidden, targets, weight, temperature)
-        loss = (logp * up_logp).sum() + ((ent * up_ent).sum() if entropy_in_loss else 0)
-        results.append((logp, ent, *torch.autograd.grad(loss, (hidden, weight))))
-    for ours, ref in zip(results[1], results[0]):   # both compute the logits in float32 (`.float()`)
-        torch.testing.assert_close(ours.double(), ref.double(), rtol=1e-4, atol=1e-5)
-
-
-def test_fused_chunk_in_completion_logprobs(tiny_model_dir, monkeypatch):
-    """Swapped into grpo.logprobs (as bench_grpo.py --logprobs fused does): same log-probs and weight gradients
-    for a ragged batch as the checkpointed chunks, entropy bonus included."""
-    import fused_logprobs
+@pytest.mark.parametrize("baseline", ["checkpointed", "full"])
+def test_logprob_baselines_compute_the_same(tiny_model_dir, monkeypatch, baseline):
+    """bench --logprobs checkpointed / full, the A/B baselines of grpo.logprobs: same log-probs, entropies and
+    weight gradients for a ragged batch as the hand-written chunk backward, entropy bonus included."""
     from grpo import logprobs
     model = load_model(str(tiny_model_dir))
     g = torch.Generator().manual_seed(1)
@@ -133,14 +114,15 @@ def test_fused_chunk_in_completion_logprobs(tiny_model_dir, monkeypatch):
     attn[1, :3] = 0                                                          # left padding
     comp = torch.ones(4, 5, dtype=torch.bool)
     comp[2, 3:] = False                                                      # an early end
+    attn[2, -2:] = 0
     results = []
-    for fused in (False, True):
-        if fused:
-            monkeypatch.setattr(logprobs, "_chunk_logprobs", fused_logprobs.chunk_logprobs)
-            monkeypatch.setattr(logprobs, "checkpoint", lambda fn, *args, use_reentrant=False:
-                                fused_logprobs.ChunkLogprobs.apply(*args))
+    for patched in (False, True):
+        if patched and baseline == "checkpointed":
+            monkeypatch.setattr(logprobs, "_ChunkLogprobs", bench_grpo.CheckpointedChunk)
+        elif patched:
+            monkeypatch.setattr(logprobs.CompletionLogprobs, "forward", bench_grpo.full_vocabulary_logprobs)
         logp, ent = logprobs.CompletionLogprobs(model, chunk_size=7)(ids, attn, comp, 0.9)
         loss = (logp * torch.linspace(-1, 1, 5)).sum() - 0.01 * ent.sum()
-        results.append((logp.detach(), *torch.autograd.grad(loss, list(model.parameters()))))
-    for ours, ref in zip(results[1], results[0]):
+        results.append((logp.detach(), ent.detach(), *torch.autograd.grad(loss, list(model.parameters()))))
+    for ours, ref in zip(results[0], results[1]):
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)

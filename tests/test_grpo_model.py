@@ -58,15 +58,40 @@ def test_chunked_logprobs_equal_naive(tiny, temperature, chunk):
     assert (logp[~comp] == 0).all()
 
 
-def test_chunked_logprobs_gradient_equals_naive(tiny):
+@pytest.mark.parametrize("temperature,entropy_coef", [(1.0, 0.0), (0.7, 0.01), (1.3, 0.5)])
+def test_chunked_logprobs_gradient_equals_naive(tiny, temperature, entropy_coef):
+    """The hand-written backward of the LM-head chunks, entropy term included, against autograd on full logits."""
     model, _ = tiny
     ids, attn, comp = make_batch(model.config.vocab_size)
-    logp, _ = CompletionLogprobs(model, 4)(ids, attn, comp, 1.0)
-    grads = torch.autograd.grad(logp.sum(), list(model.parameters()))
-    ref_logp, _ = naive_logprobs(model, ids, attn, comp, 1.0)
-    ref_grads = torch.autograd.grad(ref_logp.sum(), list(model.parameters()))
-    for g, r in zip(grads, ref_grads):
+    weights = torch.linspace(-1, 1, comp.shape[1])                          # a different upstream grad per column
+
+    def grads(logp, ent):
+        loss = (logp * weights).sum() - entropy_coef * ent.sum()
+        return torch.autograd.grad(loss, list(model.parameters()))
+
+    ours = grads(*CompletionLogprobs(model, 4)(ids, attn, comp, temperature))
+    reference = grads(*naive_logprobs(model, ids, attn, comp, temperature))
+    for g, r in zip(ours, reference):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature,entropy_in_loss", [(1.0, False), (0.7, True), (1.3, False)])
+def test_chunk_backward_equals_autograd_in_float64(temperature, entropy_in_loss):
+    """_ChunkLogprobs against autograd through the same expressions (_chunk_logprobs), in float64."""
+    from grpo.logprobs import _chunk_logprobs, _ChunkLogprobs
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(11, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(50, (11,), generator=g)
+    up_logp, up_ent = torch.randn(11, generator=g, dtype=torch.float64), torch.randn(11, generator=g, dtype=torch.float64)
+    results = []
+    for fn in (_chunk_logprobs, _ChunkLogprobs.apply):
+        # _chunk_logprobs computes in float32 (.float()); in float64 .float() is a copy, so compare at float32 tolerance
+        logp, ent = fn(hidden, targets, weight, temperature)
+        loss = (logp * up_logp).sum() + ((ent * up_ent).sum() if entropy_in_loss else 0)
+        results.append((logp, ent, *torch.autograd.grad(loss, (hidden, weight))))
+    for ours, ref in zip(results[1], results[0]):
+        torch.testing.assert_close(ours.double(), ref.double(), rtol=1e-4, atol=1e-5)
 
 
 def test_sequence_logprobs_same_alone_and_in_padded_batch(tiny):
