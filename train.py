@@ -327,7 +327,10 @@ def main(argv=None):
         epoch, position = divmod(step, steps_per_epoch)     # the prompt order is a function of (seed, epoch)
         order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed + epoch))
         batch = dist.shard(order[position * B:(position + 1) * B].tolist())  # distributed: this rank's B / ranks
-        with dist.full_weights(policy):     # distributed: FSDP gathers its shards once for the whole rollout
+        # bf16 on GPU, as the update computes: decoding reads half the bytes of the float32 master weights, and
+        # autocast casts each weight once per rollout (its cache lives as long as this block).
+        # distributed: FSDP gathers its shards once for the whole rollout.
+        with dist.full_weights(policy), autocast():
             rollout = generate_rollout(model, [prompts[i] for i in batch], num_generations=G,
                                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                        eos_ids=eos_ids, pad_id=pad_id, batch_size=cfg.generation_batch_size,

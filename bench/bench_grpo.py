@@ -91,8 +91,8 @@ class Bench:
                            choices=["reserve", "cat"])
     only_generation: bool = field(False, "stop each step after generation and reward (to measure generation levers)")
     empty_cache: bool = field(False, "ours, lever (CUDA): release the generation's cached blocks before the update")
-    generation_autocast: bool = field(True, "ours on CUDA: generate under bf16 autocast (weights cast once per "
-                                            "rollout), as the update computes")
+    generation_autocast: bool = field(True, "ours on CUDA: generate under bf16 autocast as train.py does (false: "
+                                            "from the float32 master weights, the A/B baseline)")
     bandwidth_gbs: float | None = field(None, "memory bandwidth for the decode limit; default: a measured copy")
     floor_only: bool = field(False, "print the physical floor of the nominal workload and exit (no model is run)")
     peak_tflops: float | None = field(None, "peak FLOP/s for MFU and the floor; default: H100 bf16 dense (989) "
