@@ -126,3 +126,13 @@ def test_logprob_baselines_compute_the_same(tiny_model_dir, monkeypatch, baselin
         results.append((logp.detach(), ent.detach(), *torch.autograd.grad(loss, list(model.parameters()))))
     for ours, ref in zip(results[0], results[1]):
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_every_lever_is_valid_bench_flags():
+    """bench/levers.py's A/B runs: every workload and lever passes bench_grpo.py's argument parser."""
+    import levers
+    for workload in levers.WORKLOADS.values():
+        for name, (_, phase, both, with_args, without_args, _) in levers.LEVERS.items():
+            assert phase in ("generation", "update"), name
+            for args in (with_args, without_args):
+                bench_grpo.parse_config(bench_grpo.Bench, workload + both + args)
