@@ -335,12 +335,13 @@ def plain_generate_rollout(model, prompts, *, num_generations, max_new_tokens, t
     from grpo.rollout import Rollout, _right_pad, completion_mask, generation_mode, left_pad, sampling_config
     G, device = num_generations, next(model.parameters()).device
     config = sampling_config(temperature, max_new_tokens, eos_ids, pad_id)
+    config.num_return_sequences = G
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)                      # (B, P)
     per_call, outputs = max(1, batch_size // G), []
     with generation_mode(model, config):
         for start in range(0, len(prompts), per_call):
             ids, mask = prompt_ids[start:start + per_call].to(device), prompt_mask[start:start + per_call].to(device)
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, num_return_sequences=G)
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
             outputs.append(out[:, ids.shape[1]:])                           # (b*G, t)
     T = max(o.shape[1] for o in outputs)
     completion_ids = torch.cat([_right_pad(o, T, pad_id) for o in outputs])  # (N, T)
