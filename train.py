@@ -97,7 +97,7 @@ class Config:
 # `--model tiny`: a CPU-sized run of the same code. Fields given on the command line win.
 TINY_PRESET = dict(
     data="demo", prompts_per_step=16, num_generations=4, max_prompt_length=512, max_new_tokens=64,
-    temperature=0.7, max_steps=25, steps_per_generation=1, micro_batch_size=64, learning_rate=1e-3, beta=0.0,
+    temperature=0.7, max_steps=60, steps_per_generation=1, micro_batch_size=64, learning_rate=1e-3, beta=0.0,
     entropy_coef=0.0, gradient_checkpointing=False, sft_data="demo", sft_steps=60, sft_batch_size=16,
     sft_learning_rate=3e-3, save_every=10, log_samples_every=10,
     # a 0.2M-parameter model's ops are too small to split: with 2 threads on a busy 2-core machine, OpenMP's
