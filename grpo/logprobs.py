@@ -5,7 +5,8 @@ decoder runs once to hidden states, and the LM head + log-softmax run only on th
 completion tokens, a chunk of rows at a time. Each chunk's backward is written by hand (`_ChunkLogprobs`): it
 recomputes the chunk's logits once and forms their gradient in one or two passes, so nothing of size (m, V)
 is kept between forward and backward. (Checkpointing the plain expressions instead re-runs all of them and
-then autograd's backward of each: on a CPU with V = 151,936, 25% slower updates and 0.6 GB more memory.)
+then autograd's backward of each: on a CPU with V = 151,936, 1.2-1.3x slower updates and 0.6-0.9 GB more
+memory; docs/PERFORMANCE.md.)
 
     z = h W^T / tau            logz = logsumexp(z)         p = exp(z - logz)
     logp = z[y] - logz         H = logz - sum_k p_k z_k    (so E_p[z] = logz - H)

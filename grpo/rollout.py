@@ -225,14 +225,15 @@ def _sample_compiled(model, ids: torch.Tensor, mask: torch.Tensor, G: int, confi
     Static shapes are the price: every prompt is prefilled G times (its row repeated) and finished rows
     keep decoding until the last one ends. The cache length is rounded up to a power of two, and HF keeps the
     longest cache it has made, so a run compiles for a few lengths (and the last, smaller batch) and then reuses them.
+    pad_id is unused (generate pads finished rows itself); the signature is _sample_group's.
     """
-    segment = copy.copy(config)
-    segment.cache_implementation = "static"
-    segment.max_cache_len = 1 << (ids.shape[1] + config.max_new_tokens - 1).bit_length()
-    segment.compile_config = CompileConfig(dynamic=False)
-    segment.compile_config._compile_all_devices = True      # HF compiles only on accelerators unless told
+    static = copy.copy(config)
+    static.cache_implementation = "static"
+    static.max_cache_len = 1 << (ids.shape[1] + config.max_new_tokens - 1).bit_length()
+    static.compile_config = CompileConfig(dynamic=False)
+    static.compile_config._compile_all_devices = True       # HF compiles only on accelerators unless told
     full = model.generate(input_ids=ids.repeat_interleave(G, dim=0), attention_mask=mask.repeat_interleave(G, dim=0),
-                          generation_config=segment)                         # (b*G, P + t)
+                          generation_config=static)                          # (b*G, P + t)
     return full[:, ids.shape[1]:]
 
 
