@@ -1,6 +1,6 @@
 """Each performance lever of docs/PERFORMANCE.md as an A/B of bench_grpo.py runs: with and without, alternating.
 
-    python bench/levers.py                          # CPU: qwen2-small, 1 thread, CPU time (~30 minutes)
+    python bench/levers.py                          # CPU: qwen2-small, 1 thread, CPU time (~40 minutes)
     python bench/levers.py --gpu                    # one GPU: Qwen2.5-1.5B, the reference workload
     python bench/levers.py --gpu --only compile     # one lever (names below)
 
@@ -75,17 +75,16 @@ def main(argv: list[str]) -> None:
     unknown = [n for n in names if n not in LEVERS]
     if unknown:
         raise SystemExit(f"--only: unknown lever(s) {unknown}; choose from {list(LEVERS)}")
-    gpu, repeats = cfg.gpu, cfg.repeats
-    base = WORKLOADS["gpu" if gpu else "cpu"]
-    print(f"workload: {' '.join(base)} (median of {repeats} runs each, alternating)\n")
+    base = WORKLOADS["gpu" if cfg.gpu else "cpu"]
+    print(f"workload: {' '.join(base)} (median of {cfg.repeats} runs each, alternating)\n")
     print("| lever | phase | with (s) | without (s) | speed-up | peak GB with | peak GB without |")
     print("|---|---|---|---|---|---|---|")
     for name in names:
         label, phase, both, with_args, without_args, gpu_only = LEVERS[name]
-        if gpu_only and not gpu:
+        if gpu_only and not cfg.gpu:
             continue
         results = {"with": [], "without": []}
-        for _ in range(repeats):
+        for _ in range(cfg.repeats):
             results["with"].append(run(base + both + with_args))
             results["without"].append(run(base + both + without_args))
         time = {k: statistics.median(r["phases"][phase] for r in v) for k, v in results.items()}

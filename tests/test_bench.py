@@ -114,7 +114,7 @@ def test_logprob_baselines_compute_the_same(tiny_model_dir, monkeypatch, baselin
     attn[1, :3] = 0                                                          # left padding
     comp = torch.ones(4, 5, dtype=torch.bool)
     comp[2, 3:] = False                                                      # an early end
-    attn[2, -2:] = 0
+    attn[2, -2:] = 0                                                         # its tokens after the end
     results = []
     for patched in (False, True):
         if patched and baseline == "checkpointed":

@@ -86,7 +86,7 @@ def test_chunk_backward_equals_autograd_in_float64(temperature, entropy_in_loss)
     up_logp, up_ent = torch.randn(11, generator=g, dtype=torch.float64), torch.randn(11, generator=g, dtype=torch.float64)
     results = []
     for fn in (_chunk_logprobs, _ChunkLogprobs.apply):
-        # _chunk_logprobs computes in float32 (.float()); in float64 .float() is a copy, so compare at float32 tolerance
+        # both compute the logits in float32 (.float() casts the float64 inputs down): float32 tolerance
         logp, ent = fn(hidden, targets, weight, temperature)
         loss = (logp * up_logp).sum() + ((ent * up_ent).sum() if entropy_in_loss else 0)
         results.append((logp, ent, *torch.autograd.grad(loss, (hidden, weight))))
