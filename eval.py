@@ -22,7 +22,8 @@ Output, under output_dir:
   summary.json, summary.md                   every metric of every model and benchmark
   <model>/<benchmark>/predictions.jsonl      one row per item: id, category (BFCL) or level (API-Bank),
                                              raw output, parsed calls, correct, and the benchmark's details
-`--rescore` re-scores those files in place without loading any model (e.g. after a scorer fix).
+`--rescore` re-scores those files in place without loading any model (e.g. after a scorer fix); no file is
+replaced until all are scored. Every file is written whole or not at all (grpo/io.py).
 """
 import dataclasses
 import json
@@ -38,7 +39,9 @@ from data import build_prompts, load_examples
 from data.bfcl import CATEGORIES as BFCL_CATEGORIES
 from data.bfcl import load_category
 from data.formats import ground_truth_calls
+from data.jsonl import read_jsonl
 from grpo.cli import config_json, field, parse_config
+from grpo.io import atomic_path, atomic_write_text
 from grpo.model import load_model_and_tokenizer, resolve_model_name
 from grpo.rollout import generate_text
 from rewards import RewardConfig, toolrl_reward
@@ -184,8 +187,7 @@ def generate(model, tokenizer, items: list, config: EvalConfig) -> list[str]:
 
 def read_outputs(path: Path, items: list) -> list[str]:
     """The raw outputs of an earlier run, matched to the items by id."""
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    by_id = {row["id"]: row["output"] for row in rows}
+    by_id = {row["id"]: row["output"] for row in read_jsonl(path)}
     missing = [item.id for item in items if item.id not in by_id]
     if missing:
         raise ValueError(f"{path} has no output for {len(missing)} item(s), e.g. {missing[0]}")
@@ -193,8 +195,8 @@ def read_outputs(path: Path, items: list) -> list[str]:
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    """Written whole or not at all (grpo/io.py): a crash mid-write leaves the old file as it was."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
@@ -239,21 +241,25 @@ def plain(rows: list[list[str]]) -> str:
 
 # ---------------------------------------------------------------- main
 
-def evaluate_model(name: str, benchmarks: dict[str, list], config: EvalConfig) -> dict:
-    """Generate (or read back) and score every benchmark for one model -> {benchmark: metrics}."""
+def evaluate_model(name: str, benchmarks: dict[str, list], config: EvalConfig) -> tuple[dict, dict]:
+    """Generate (or read back) and score every benchmark for one model -> ({benchmark: metrics}, rescored),
+    rescored = {predictions path: rows} that --rescore has yet to write."""
     model = tokenizer = None
     if not config.rescore:
         model, tokenizer = load_model_and_tokenizer(name, device=config.device,
                                                     trust_remote_code=config.trust_remote_code)
-    results = {}
+    results, rescored = {}, {}
     for benchmark, items in benchmarks.items():
         path = Path(config.output_dir) / slug(name) / benchmark / "predictions.jsonl"
         print(f"{name} / {benchmark}: {len(items)} items")
         outputs = read_outputs(path, items) if config.rescore else generate(model, tokenizer, items, config)
         rows = [BENCHMARKS[benchmark].score(item, output) for item, output in zip(items, outputs)]
-        write_jsonl(path, rows)
+        if config.rescore:
+            rescored[path] = rows   # replaced only once everything is scored: a scorer that fails changes no file
+        else:
+            write_jsonl(path, rows)  # at once: a later crash does not cost this generation
         results[benchmark] = {"num_items": len(rows), **BENCHMARKS[benchmark].summarize(rows)}
-    return results
+    return results, rescored
 
 
 def main(config: EvalConfig) -> dict:
@@ -273,13 +279,18 @@ def main(config: EvalConfig) -> dict:
     print(config_json(config))
 
     benchmarks = {name: BENCHMARKS[name].load(config) for name in names}  # loaded once, for every model
-    summary = {name: evaluate_model(name, benchmarks, config) for name in config.model}
+    summary, rescored = {}, {}
+    for name in config.model:
+        summary[name], model_rescored = evaluate_model(name, benchmarks, config)
+        rescored.update(model_rescored)
+    for path, rows in rescored.items():
+        write_jsonl(path, rows)
 
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps({"config": dataclasses.asdict(config), "results": summary}, indent=2))
+    atomic_write_text(out / "summary.json",
+                      json.dumps({"config": dataclasses.asdict(config), "results": summary}, indent=2))
     table = results_table(summary)
-    (out / "summary.md").write_text(markdown(table))
+    atomic_write_text(out / "summary.md", markdown(table))
     print(plain(table))
     return summary
 

@@ -7,18 +7,23 @@ checkpoint saved by N ranks, sharded or not, resumes on any number). Nothing els
 same run: the prompt order is a pure function of (seed, epoch), and the sampling generator is re-seeded
 from (seed, step, rank) at the start of every step.
 
-A checkpoint is written under a temporary name and renamed when complete, so a run killed mid-write
-leaves only a `.tmp-*` directory, which resuming ignores and the next save removes. A checkpoint that
-fails to load is reported and skipped in favour of the one before it.
+A checkpoint is written under a temporary name and renamed when complete (grpo/io.py), so a run killed
+mid-write leaves only a `.tmp-*` directory, which resuming ignores and the next save of that step removes.
+A checkpoint is used only if it is whole: every tensor of the model its config.json describes is in the
+weights file with its shape and dtype (read from the headers: no weight is loaded to check), and the
+trainer state holds what the resume reads. Otherwise it is reported in one line and the one before it is
+tried; nothing is ever loaded with tensors missing.
 """
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from grpo import dist
+from grpo.io import atomic_path
 
 PREFIX = "checkpoint-"
 
@@ -33,14 +38,11 @@ def save_checkpoint(output_dir: Path, step: int, model, tokenizer, optimizer, co
     # Whole tensors on CPU, keyed by parameter name: the same files whether 1 or N ranks saved them.
     model_state, optimizer_state = dist.full_state_dicts(model, optimizer)
     if dist.rank() == 0:
-        tmp = output_dir / f".tmp-{PREFIX}{step:06d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "train_config.json").write_text(config_json)
-        torch.save({"step": step, "optimizer": optimizer_state}, tmp / "trainer_state.pt")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)                              # the commit point: atomic on one filesystem
+        with atomic_path(final) as tmp:                     # .tmp-checkpoint-N, renamed to `final` when whole
+            model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "train_config.json").write_text(config_json)
+            torch.save({"step": step, "optimizer": optimizer_state}, tmp / "trainer_state.pt")
         for old in list_checkpoints(output_dir)[keep:]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()                                          # distributed: the others wait until it is on disk
@@ -54,26 +56,73 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted((p for p in output_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX)), reverse=True)
 
 
-def load_trainer_state(checkpoint: Path) -> dict:
-    """The trainer state; raises if the checkpoint is incomplete or corrupt. Never unpickles code."""
-    for name in ("config.json", "model.safetensors", "trainer_state.pt", "train_config.json"):
+# safetensors' header names for the dtypes a model's tensors can have
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def load_trainer_state(checkpoint: Path, trust_remote_code: bool = False) -> dict:
+    """The trainer state of a whole checkpoint; otherwise raises an error that says what is wrong.
+    Reads the weights' headers, not the weights; never unpickles code."""
+    for name in ("config.json", "train_config.json", "trainer_state.pt"):
         if not (checkpoint / name).is_file():
-            raise FileNotFoundError(f"{checkpoint}: missing {name}")
-    json.loads((checkpoint / "config.json").read_text())
-    from safetensors import safe_open
-    with safe_open(checkpoint / "model.safetensors", framework="pt") as f:   # reads the header: catches truncation
-        for key in f.keys():
-            f.get_slice(key)
-    return torch.load(checkpoint / "trainer_state.pt", weights_only=True, map_location="cpu")
+            raise ValueError(f"missing {name}")
+    json.loads((checkpoint / "train_config.json").read_text())
+    expected, found = expected_tensors(checkpoint, trust_remote_code), saved_tensors(checkpoint)
+    missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+    if missing:
+        raise ValueError(f"the weights lack {len(missing)} of the model's {len(expected)} tensors (e.g. {missing[0]})")
+    if unexpected:
+        raise ValueError(f"the weights hold {len(unexpected)} tensor(s) the model lacks (e.g. {unexpected[0]})")
+    for name, (shape, dtype) in expected.items():
+        if found[name] != (shape, SAFETENSORS_DTYPES.get(dtype, str(dtype))):
+            raise ValueError(f"{name} is {found[name][1]} {found[name][0]} in the weights; "
+                             f"config.json makes it {SAFETENSORS_DTYPES.get(dtype, dtype)} {shape}")
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=True, map_location="cpu")
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise ValueError("trainer_state.pt has no integer 'step'")
+    if not isinstance(state.get("optimizer"), dict) or not {"state", "param_groups"} <= state["optimizer"].keys():
+        raise ValueError("trainer_state.pt has no 'optimizer' state dict (with 'state' and 'param_groups')")
+    return state
 
 
-def find_resumable(path: Path) -> tuple[Path, dict] | None:
-    """(checkpoint, trainer_state) for the newest loadable checkpoint at `path`, which may be an output
-    directory or one checkpoint; None when there is none. Unloadable ones are reported and skipped."""
+def expected_tensors(checkpoint: Path, trust_remote_code: bool) -> dict[str, tuple[list[int], torch.dtype]]:
+    """{name: (shape, dtype)} of every tensor the weights file must hold for the model config.json describes:
+    parameters and persistent buffers, a tied output embedding once under its first name (as save_pretrained
+    and dist.full_state_dicts write it)."""
+    config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):                              # the model's skeleton: shapes and dtypes, no memory
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    kept = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    return {name: (list(t.shape), t.dtype) for name, t in model.state_dict().items() if name in kept}
+
+
+def saved_tensors(checkpoint: Path) -> dict[str, tuple[list[int], str]]:
+    """{name: (shape, safetensors dtype)} from the header of model.safetensors, or of every shard its index
+    names; opening a truncated file fails here."""
+    index = checkpoint / "model.safetensors.index.json"
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
+             else ["model.safetensors"])
+    found = {}
+    for file in files:
+        if not (checkpoint / file).is_file():
+            raise ValueError(f"missing {file}")
+        with safe_open(checkpoint / file, framework="pt") as f:
+            for name in f.keys():
+                tensor = f.get_slice(name)
+                found[name] = (tensor.get_shape(), tensor.get_dtype())
+    return found
+
+
+def find_resumable(path: Path, trust_remote_code: bool = False) -> tuple[Path, dict] | None:
+    """(checkpoint, trainer_state) for the newest whole checkpoint at `path`, which may be an output
+    directory or one checkpoint; None when there is none. Each unusable one is reported in one line."""
     candidates = [path] if path.name.startswith(PREFIX) else list_checkpoints(path)
     for checkpoint in candidates:
         try:
-            return checkpoint, load_trainer_state(checkpoint)
+            return checkpoint, load_trainer_state(checkpoint, trust_remote_code)
         except Exception as e:  # any failure to read means: not usable, try the one before
-            print(f"skipping unusable checkpoint {checkpoint}: {type(e).__name__}: {e}")
+            reason = " ".join(f"{type(e).__name__}: {e}".split())
+            print(f"skipping unusable checkpoint {checkpoint}: {reason[:300]}")
     return None

@@ -33,8 +33,15 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 
 def load_model(name_or_path: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
                trust_remote_code: bool = False):
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_name(name_or_path), dtype=dtype,
-                                                 use_safetensors=True, trust_remote_code=trust_remote_code)
+    """The model with every weight from the files. A tensor the model lacks, or one the files lack, raises:
+    transformers would only warn, and fill the missing one with random values ("newly initialized")."""
+    model, info = AutoModelForCausalLM.from_pretrained(resolve_model_name(name_or_path), dtype=dtype,
+                                                       use_safetensors=True, trust_remote_code=trust_remote_code,
+                                                       output_loading_info=True)
+    problems = [f"{kind.replace('_', ' ')}: {len(info[kind])} (e.g. {sorted(map(str, info[kind]))[0]})"
+                for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[kind]]
+    if problems:
+        raise ValueError(f"{name_or_path}: the weights do not fit the model: {', '.join(problems)}")
     return model.to(device)
 
 

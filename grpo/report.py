@@ -2,6 +2,9 @@
 import json
 from pathlib import Path
 
+from data.jsonl import read_jsonl
+from grpo.io import atomic_path, atomic_write_text
+
 
 class StepLog:
     """Appends to `metrics.jsonl` (one JSON object per step) and `samples.jsonl`.
@@ -13,8 +16,8 @@ class StepLog:
     def __init__(self, out: Path, max_steps: int, start_step: int = 0):
         self.metrics_path, self.samples_path, self.max_steps = out / "metrics.jsonl", out / "samples.jsonl", max_steps
         for path in (self.metrics_path, self.samples_path):
-            rows = read_jsonl(path)
-            path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start_step))
+            rows = read_jsonl(path) if path.is_file() else []
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start_step))
 
     def write(self, m: dict) -> None:
         print(f"step {m['step']:>5}/{self.max_steps} | reward {m['reward']:7.3f} ± {m['reward_std']:5.2f} | "
@@ -29,19 +32,6 @@ class StepLog:
         with open(self.samples_path, "a") as f:
             for completion, truth, score in zip(completions, truths, scores):
                 f.write(json.dumps({"step": step, "completion": completion, "ground_truth": truth, **score}) + "\n")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Rows of a JSONL file; a last line cut off by a kill is ignored."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return rows
 
 
 def trend(out: Path, window: int = 5) -> str:
@@ -81,6 +71,7 @@ def plot_rewards(out: Path) -> Path | None:
     ax.legend()
     ax.grid(alpha=0.3)
     path = out / "reward_curves.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    with atomic_path(path) as tmp:                          # ".tmp-reward_curves.png": still a .png to savefig
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path

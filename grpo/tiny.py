@@ -35,6 +35,8 @@ from transformers import (
 )
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
+from grpo.io import atomic_path
+
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -146,7 +148,9 @@ def qwen_like_generation_config(im_end_id: int, endoftext_id: int) -> Generation
 def save_tiny_model(path, texts: Iterable[str] | None = None, **model_kwargs) -> Path:
     """Build the tokenizer (on the demo texts when `texts` is None) and model; save both to `path`.
 
-    `model_kwargs` go to `build_model` (sizes, seed, vocab_size). Returns `path` as a Path.
+    `model_kwargs` go to `build_model` (sizes, seed, vocab_size). Returns `path` as a Path. The directory
+    is written whole or not at all (grpo/io.py): a kill never leaves a config.json without its weights.
+    Whatever was at `path` is replaced as a whole.
     """
     if texts is None:
         from data.demo import demo_texts  # the demo set is what the tiny model is trained on
@@ -154,6 +158,7 @@ def save_tiny_model(path, texts: Iterable[str] | None = None, **model_kwargs) ->
     path = Path(path)
     tokenizer = build_tokenizer(texts)
     model = build_model(tokenizer, **model_kwargs)
-    tokenizer.save_pretrained(path)
-    model.save_pretrained(path)  # also writes generation_config.json
+    with atomic_path(path) as tmp:
+        tokenizer.save_pretrained(tmp)
+        model.save_pretrained(tmp)  # also writes generation_config.json
     return path

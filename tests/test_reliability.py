@@ -1,9 +1,16 @@
-"""Failure paths: out-of-memory in generation and in the update, and loading that refuses pickles."""
+"""Failure paths: out-of-memory in generation and in the update, loading that refuses pickles, and
+checkpoints and models that are not whole."""
+import json
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import train
-from grpo.model import load_model
+from grpo import checkpoint as ckpt
+from grpo.model import load_model, load_tokenizer
 from grpo.rollout import generate_rollout
 from tests.test_train import SHORT
 
@@ -45,3 +52,87 @@ def test_pickled_weights_are_refused(tiny_model_dir, tmp_path):
     with pytest.raises(Exception) as e:
         load_model(str(tmp_path))
     assert "safetensors" in str(e.value).lower() or "model.safetensors" in str(e.value)
+
+
+# ---------------------------------------------------------------- checkpoints: used only when whole
+
+@pytest.fixture(scope="module")
+def good_checkpoint(tiny_model_dir, tmp_path_factory):
+    """checkpoint-000004 of the tiny model, written by the trainer's own save_checkpoint."""
+    model = load_model(str(tiny_model_dir))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    return ckpt.save_checkpoint(tmp_path_factory.mktemp("run"), 4, model, load_tokenizer(str(tiny_model_dir)),
+                                optimizer, json.dumps({"seed": 0}), keep=2)
+
+
+def rewrite_weights(checkpoint: Path, change) -> None:
+    weights = load_file(checkpoint / "model.safetensors")
+    save_file(change(weights), checkpoint / "model.safetensors", metadata={"format": "pt"})
+
+
+def drop_optimizer(checkpoint: Path) -> None:
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
+    del state["optimizer"]
+    torch.save(state, checkpoint / "trainer_state.pt")
+
+
+# The tiny model has 26 tensors in its file: lm_head.weight is tied to the input embedding, so it is not saved.
+DAMAGE = {
+    "half the tensors": (lambda c: rewrite_weights(c, lambda w: {k: w[k] for k in sorted(w)[::2]}),
+                         "the weights lack 13 of the model's 26 tensors"),
+    "no tensors": (lambda c: rewrite_weights(c, lambda w: {}), "the weights lack 26 of the model's 26 tensors"),
+    "a wrong shape": (lambda c: rewrite_weights(c, lambda w: {**w, "model.norm.weight": w["model.norm.weight"][:-1]}),
+                      "model.norm.weight is F32 [63] in the weights; config.json makes it F32 [64]"),
+    "a wrong dtype": (lambda c: rewrite_weights(c, lambda w: {**w, "model.norm.weight": w["model.norm.weight"].half()}),
+                      "model.norm.weight is F16 [64] in the weights; config.json makes it F32 [64]"),
+    "an extra tensor": (lambda c: rewrite_weights(c, lambda w: {**w, "extra.weight": torch.ones(2)}),
+                        "the weights hold 1 tensor(s) the model lacks (e.g. extra.weight)"),
+    "an empty config": (lambda c: (c / "config.json").write_text("{}"), "model_type"),
+    "no optimizer state": (drop_optimizer, "trainer_state.pt has no 'optimizer'"),
+    "no trainer state": (lambda c: (c / "trainer_state.pt").unlink(), "missing trainer_state.pt"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_checkpoint_that_is_not_whole_is_reported_and_the_older_one_used(good_checkpoint, tmp_path, capsys, damage):
+    break_it, reason = DAMAGE[damage]
+    shutil.copytree(good_checkpoint, tmp_path / "checkpoint-000004")
+    newer = tmp_path / "checkpoint-000006"
+    shutil.copytree(good_checkpoint, newer)
+    break_it(newer)
+    found, state = ckpt.find_resumable(tmp_path)
+    assert found == tmp_path / "checkpoint-000004" and state["step"] == 4 and "optimizer" in state
+    [line] = [line for line in capsys.readouterr().out.splitlines() if "checkpoint" in line]
+    assert line.startswith(f"skipping unusable checkpoint {newer}: ") and reason in line
+
+
+def test_a_whole_checkpoint_loads_as_saved(good_checkpoint):
+    found, state = ckpt.find_resumable(good_checkpoint)
+    assert found == good_checkpoint and state["step"] == 4
+    assert set(state["optimizer"]) == {"state", "param_groups"}
+
+
+def test_a_save_killed_midway_leaves_the_older_checkpoint_alone(good_checkpoint, tiny_model_dir, monkeypatch):
+    """Killed while writing the trainer state, after the weights: no checkpoint-000005, no .tmp-* left."""
+    run = good_checkpoint.parent
+    model = load_model(str(tiny_model_dir))
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(run, 5, model, load_tokenizer(str(tiny_model_dir)),
+                             torch.optim.AdamW(model.parameters()), "{}", keep=2)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-000004"]
+
+
+@pytest.mark.parametrize("change, kind", [(lambda w: {k: w[k] for k in sorted(w)[::2]}, "missing keys: 13"),
+                                          (lambda w: {**w, "extra.weight": torch.ones(2)}, "unexpected keys: 1")],
+                         ids=["missing", "unexpected"])
+def test_loading_a_model_with_missing_or_extra_weights_raises(tiny_model_dir, tmp_path, change, kind):
+    """transformers would fill missing weights with random values and only warn."""
+    shutil.copytree(tiny_model_dir, tmp_path / "model")
+    rewrite_weights(tmp_path / "model", change)
+    with pytest.raises(ValueError, match=f"the weights do not fit the model: {kind}"):
+        load_model(str(tmp_path / "model"))
