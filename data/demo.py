@@ -17,7 +17,9 @@ verbatim from the request, and a placeholder thought that only names the tools. 
 rows need one call, 20% two calls (two different tools), 10% no tool (a `<response>` only).
 
 Generation is deterministic: one `random.Random(seed)` drives it (the global RNG is untouched),
-and rows are de-duplicated on their prompt, so train and test never share a prompt.
+and rows are de-duplicated on their prompt, so the three splits never share a prompt. The test
+split is drawn first and validation next, so resizing the train split leaves both unchanged.
+Validation is for choosing hyperparameters; test is only for the final numbers.
 """
 from __future__ import annotations
 
@@ -26,14 +28,16 @@ import random
 from dataclasses import dataclass
 
 DEMO_SEED = 0
-NUM_TRAIN = 600
 NUM_TEST = 100
+NUM_VALIDATION = 100
+NUM_TRAIN = 2000
+SPLIT_SIZES = {"test": NUM_TEST, "validation": NUM_VALIDATION, "train": NUM_TRAIN}   # in the order drawn
 
 # Fractions of rows by kind; the rest need exactly one call.
 TWO_CALL_FRACTION = 0.2
 NO_TOOL_FRACTION = 0.1
 # At most this many parameters over all listed tools: keeps every prompt short (see module doc).
-MAX_LISTED_PARAMS = 6
+MAX_LISTED_PARAMS = 5
 
 
 @dataclass(frozen=True)
@@ -52,38 +56,43 @@ class Tool:
     requests: tuple[str, ...]   # user phrasings; "{param}" is replaced by that parameter's value
 
 
+# Every value is one token of the demo tokenizer (a word, or a digit: Qwen's pre-tokenizer splits numbers
+# into digits), so copying a value from the request is one step for the tiny model; the pools are large
+# enough that guessing a likely value does not pay.
+DIGITS = list(range(1, 10))
 SLOT_VALUES = {
-    "city": ["Paris", "Lima", "Oslo", "Cairo", "Tokyo", "Denver", "Madrid", "Nairobi", "Seoul",
-             "Perth", "Quito", "Dublin", "Hanoi", "Austin", "Milan", "Accra"],
-    "person": ["Alice", "Bob", "Carlos", "Dana", "Emeka", "Fatima", "Greta", "Hiro", "Ines",
-               "Jonas", "Kemal", "Lena", "Mei", "Noor"],
-    "email": ["alice@mail.com", "bob@work.org", "dana@site.net", "hiro@mail.com", "lena@corp.io",
-              "mei@home.net", "noor@work.org", "jonas@site.net"],
-    "date": ["2024-03-14", "2024-07-01", "2024-11-23", "2025-01-09", "2025-02-28", "2025-05-17",
-             "2025-08-30", "2025-12-05"],
-    "time": ["09:00", "10:30", "13:15", "15:45", "18:00", "20:30"],
-    "currency": ["USD", "EUR", "JPY", "GBP", "INR", "BRL", "CAD"],
-    "stock": ["AAPL", "MSFT", "TSLA", "NVDA", "AMZN", "IBM", "SONY"],
-    "language": ["French", "Spanish", "German", "Japanese", "Swahili", "Korean", "Italian"],
-    "phrase": ["good morning", "thank you", "where is the station", "see you soon",
-               "how much is this", "happy birthday"],
-    "topic": ["football", "space", "elections", "climate", "music", "science", "movies"],
-    "food": ["pasta", "tacos", "curry", "ramen", "salad", "pancakes", "soup"],
-    "product": ["headphones", "laptop", "backpack", "desk lamp", "running shoes", "camera"],
-    "song": ["Blue Sky", "Night Drive", "Golden Hour", "Paper Moon", "River Song"],
-    "title": ["team sync", "dentist", "project review", "lunch", "yoga class", "budget call"],
-    "word": ["serendipity", "ephemeral", "quixotic", "lucid", "resilient", "candid"],
-    "item": ["milk", "eggs", "bread", "apples", "coffee", "rice", "butter"],
-    "flight": ["AA101", "BA249", "LH400", "AF83", "JL44", "QF12"],
-    "order": ["A1043", "B2210", "C3387", "D4501", "E5926"],
-    "package": ["PK7731", "PK1190", "PK5528", "PK8043"],
-    "unit_from": ["km", "kg", "liters", "feet"],
-    "unit_to": ["miles", "pounds", "gallons", "meters"],
-    "count": [1, 2, 3, 4, 5, 6, 8, 10, 12],
-    "minutes": [5, 10, 15, 20, 25, 30, 45],
-    "year": [1990, 1999, 2001, 2010, 2015, 2020],
-    "amount": [12.5, 20.0, 49.99, 100.0, 250.0, 3.75, 75.5],
-    "percent": [10.0, 12.5, 15.0, 18.0, 20.0],
+    "city": ["Paris", "Lima", "Oslo", "Cairo", "Tokyo", "Denver", "Madrid", "Nairobi", "Seoul", "Perth",
+             "Quito", "Dublin", "Hanoi", "Austin", "Milan", "Accra", "Berlin", "Boston", "Lagos", "Delhi",
+             "Sydney", "Vienna", "Prague", "Havana", "Dakar", "Riga", "Doha", "Kyoto", "Zurich", "Miami"],
+    "person": ["Alice", "Bob", "Carlos", "Dana", "Emeka", "Fatima", "Greta", "Hiro", "Ines", "Jonas",
+               "Kemal", "Lena", "Mei", "Noor", "Omar", "Priya", "Quinn", "Rosa", "Sven", "Tariq",
+               "Uma", "Victor", "Wanda", "Yusuf", "Zoe", "Amir", "Bianca", "Diego", "Elena", "Felix"],
+    "day": ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"],
+    "currency": ["USD", "EUR", "JPY", "GBP", "INR", "BRL", "CAD", "CHF", "AUD", "MXN"],
+    "stock": ["AAPL", "MSFT", "TSLA", "NVDA", "AMZN", "IBM", "SONY", "INTC", "ORCL", "META"],
+    "language": ["French", "Spanish", "German", "Japanese", "Swahili", "Korean", "Italian", "Dutch",
+                 "Greek", "Turkish", "Polish", "Hindi"],
+    "greeting": ["hello", "thanks", "goodbye", "welcome", "sorry", "congratulations", "cheers", "goodnight"],
+    "topic": ["football", "space", "elections", "climate", "music", "science", "movies", "tennis", "health",
+              "travel", "economy", "fashion"],
+    "food": ["pasta", "tacos", "curry", "ramen", "salad", "pancakes", "soup", "sushi", "pizza", "burgers",
+             "dumplings", "falafel"],
+    "product": ["headphones", "laptop", "backpack", "lamp", "shoes", "camera", "keyboard", "monitor",
+                "jacket", "watch", "tablet", "blender"],
+    "song": ["Yesterday", "Imagine", "Hallelujah", "Thriller", "Respect", "Jolene", "Wonderwall", "Vogue",
+             "Roxanne", "Layla"],
+    "event": ["standup", "dentist", "lunch", "yoga", "review", "interview", "dinner", "workshop", "haircut",
+              "webinar"],
+    "word": ["serendipity", "ephemeral", "quixotic", "lucid", "resilient", "candid", "ubiquitous", "eloquent",
+             "pragmatic", "whimsical"],
+    "item": ["milk", "eggs", "bread", "apples", "coffee", "rice", "butter", "cheese", "bananas", "tea"],
+    "airline": ["Lufthansa", "Delta", "Qantas", "Emirates", "Ryanair", "KLM", "Iberia", "Finnair"],
+    "carrier": ["DHL", "FedEx", "UPS", "USPS", "Aramex", "Hermes"],
+    "genre": ["comedy", "horror", "drama", "action", "romance", "thriller", "western", "animation"],
+    "country": ["France", "Japan", "Brazil", "Kenya", "Canada", "India", "Mexico", "Egypt", "Norway", "Chile"],
+    "unit_from": ["km", "kg", "liters", "feet", "inches", "ounces"],
+    "unit_to": ["miles", "pounds", "gallons", "meters", "centimeters", "grams"],
+    "digit": DIGITS,
 }
 
 TOOLS = (
@@ -92,10 +101,10 @@ TOOLS = (
          ("What is the weather in {city}?", "Is it raining in {city} right now?")),
     Tool("get_forecast", "Weather forecast for a city.",
          (Param("city", "string", "City name.", "city"),
-          Param("days", "integer", "Number of days.", "count")),
+          Param("days", "integer", "Number of days.", "digit")),
          ("Give me a {days} day forecast for {city}.", "Forecast for {city}, next {days} days?")),
     Tool("convert_currency", "Convert money between currencies.",
-         (Param("amount", "number", "Amount to convert.", "amount"),
+         (Param("amount", "integer", "Amount to convert.", "digit"),
           Param("from_currency", "string", "Source currency code.", "currency"),
           Param("to_currency", "string", "Target currency code.", "currency")),
          ("Convert {amount} {from_currency} to {to_currency}.",
@@ -104,32 +113,32 @@ TOOLS = (
          (Param("symbol", "string", "Ticker symbol.", "stock"),),
          ("What is {symbol} trading at?", "Show the stock price of {symbol}.")),
     Tool("translate_text", "Translate text into a language.",
-         (Param("text", "string", "Text to translate.", "phrase"),
+         (Param("text", "string", "Text to translate.", "greeting"),
           Param("language", "string", "Target language.", "language")),
-         ("Translate \"{text}\" into {language}.", "How do you say \"{text}\" in {language}?")),
+         ("Translate {text} into {language}.", "How do you say {text} in {language}?")),
     Tool("send_email", "Send an email.",
-         (Param("to", "string", "Recipient address.", "email"),
-          Param("subject", "string", "Subject line.", "title")),
+         (Param("to", "string", "Recipient name.", "person"),
+          Param("subject", "string", "Subject line.", "event")),
          ("Email {to} with the subject {subject}.", "Send an email to {to} about {subject}.")),
     Tool("create_event", "Add an event to the calendar.",
-         (Param("title", "string", "Event title.", "title"),
-          Param("date", "string", "Date, YYYY-MM-DD.", "date"),
-          Param("time", "string", "Start time, HH:MM.", "time")),
-         ("Put {title} on my calendar on {date} at {time}.",
-          "Schedule {title} for {date} at {time}.")),
+         (Param("title", "string", "Event title.", "event"),
+          Param("day", "string", "Day of the week.", "day"),
+          Param("hour", "integer", "Start hour.", "digit")),
+         ("Put {title} on my calendar on {day} at {hour}.",
+          "Schedule {title} for {day} at {hour}.")),
     Tool("set_timer", "Start a countdown timer.",
-         (Param("minutes", "integer", "Length in minutes.", "minutes"),),
+         (Param("minutes", "integer", "Length in minutes.", "digit"),),
          ("Set a timer for {minutes} minutes.", "Start a {minutes} minute timer.")),
     Tool("set_alarm", "Set an alarm clock.",
-         (Param("time", "string", "Alarm time, HH:MM.", "time"),),
-         ("Wake me up at {time}.", "Set an alarm for {time}.")),
+         (Param("hour", "integer", "Alarm hour.", "digit"),),
+         ("Wake me up at {hour}.", "Set an alarm for {hour} o'clock.")),
     Tool("find_restaurants", "Find restaurants by food and city.",
          (Param("food", "string", "Kind of food.", "food"),
           Param("city", "string", "City name.", "city")),
          ("Find {food} places in {city}.", "Where can I eat {food} in {city}?")),
     Tool("get_recipe", "Look up a recipe.",
          (Param("dish", "string", "Dish name.", "food"),
-          Param("servings", "integer", "Number of servings.", "count")),
+          Param("servings", "integer", "Number of servings.", "digit")),
          ("Give me a {dish} recipe for {servings} people.",
           "How do I make {dish} for {servings}?")),
     Tool("get_news", "Latest news on a topic.",
@@ -137,21 +146,21 @@ TOOLS = (
          ("Any news about {topic}?", "Show me the latest {topic} headlines.")),
     Tool("search_products", "Search the shop for a product.",
          (Param("query", "string", "What to search for.", "product"),
-          Param("max_price", "number", "Highest price.", "amount")),
-         ("Find {query} under {max_price} dollars.", "Search for {query} costing at most {max_price}.")),
+          Param("max_price", "integer", "Highest price in hundreds.", "digit")),
+         ("Find {query} under {max_price} hundred dollars.", "Search for {query} costing at most {max_price} hundred.")),
     Tool("track_package", "Track a parcel.",
-         (Param("tracking_id", "string", "Tracking number.", "package"),),
-         ("Where is my package {tracking_id}?", "Track parcel {tracking_id}.")),
+         (Param("carrier", "string", "Delivery company.", "carrier"),),
+         ("Where is my {carrier} package?", "Track my parcel from {carrier}.")),
     Tool("get_order_status", "Status of a shop order.",
-         (Param("order_id", "string", "Order number.", "order"),),
-         ("What is the status of order {order_id}?", "Has order {order_id} shipped?")),
+         (Param("product", "string", "Product ordered.", "product"),),
+         ("What is the status of my {product} order?", "Has my order of {product} shipped?")),
     Tool("flight_status", "Status of a flight.",
-         (Param("flight", "string", "Flight number.", "flight"),),
-         ("Is flight {flight} on time?", "Check the status of flight {flight}.")),
+         (Param("airline", "string", "Airline name.", "airline"),),
+         ("Is my {airline} flight on time?", "Check the status of my {airline} flight.")),
     Tool("book_hotel", "Book a hotel room.",
          (Param("city", "string", "City name.", "city"),
-          Param("check_in", "string", "Check-in date, YYYY-MM-DD.", "date"),
-          Param("nights", "integer", "Number of nights.", "count")),
+          Param("check_in", "string", "Check-in day of the week.", "day"),
+          Param("nights", "integer", "Number of nights.", "digit")),
          ("Book a hotel in {city} from {check_in} for {nights} nights.",
           "I need a room in {city} on {check_in}, {nights} nights.")),
     Tool("get_time", "Current local time in a city.",
@@ -162,7 +171,7 @@ TOOLS = (
          ("What does {word} mean?", "Define the word {word}.")),
     Tool("add_to_list", "Add an item to the shopping list.",
          (Param("item", "string", "Item name.", "item"),
-          Param("quantity", "integer", "How many.", "count")),
+          Param("quantity", "integer", "How many.", "digit")),
          ("Add {quantity} {item} to my shopping list.", "Put {item} on the list, {quantity} of them.")),
     Tool("play_song", "Play a song.",
          (Param("title", "string", "Song title.", "song"),),
@@ -172,33 +181,33 @@ TOOLS = (
          ("What is {name}'s phone number?", "Find the contact card for {name}.")),
     Tool("send_message", "Send a text message.",
          (Param("name", "string", "Contact name.", "person"),
-          Param("text", "string", "Message text.", "phrase")),
-         ("Text {name}: {text}.", "Send {name} the message \"{text}\".")),
+          Param("text", "string", "Message text.", "greeting")),
+         ("Text {name}: {text}.", "Send {name} the message {text}.")),
     Tool("calculate_tip", "Tip for a bill.",
-         (Param("bill", "number", "Bill amount.", "amount"),
-          Param("percent", "number", "Tip percent.", "percent")),
-         ("What is a {percent} percent tip on {bill}?", "Tip {percent} percent on a bill of {bill}.")),
+         (Param("bill", "integer", "Bill amount in tens.", "digit"),
+          Param("percent", "integer", "Tip percent.", "digit")),
+         ("What is a {percent} percent tip on {bill} tens?", "Tip {percent} percent on a bill of {bill} tens.")),
     Tool("convert_units", "Convert a quantity between units.",
-         (Param("value", "number", "Quantity.", "amount"),
+         (Param("value", "integer", "Quantity.", "digit"),
           Param("from_unit", "string", "Source unit.", "unit_from"),
           Param("to_unit", "string", "Target unit.", "unit_to")),
          ("Convert {value} {from_unit} to {to_unit}.", "How many {to_unit} is {value} {from_unit}?")),
-    Tool("top_movies", "Best movies of a year.",
-         (Param("year", "integer", "Release year.", "year"),),
-         ("What were the best movies of {year}?", "List top films from {year}.")),
-    Tool("get_holidays", "Public holidays in a year.",
-         (Param("year", "integer", "The year.", "year"),),
-         ("Which public holidays are in {year}?", "List the holidays of {year}.")),
+    Tool("top_movies", "Best movies of a genre.",
+         (Param("genre", "string", "Movie genre.", "genre"),),
+         ("What are the best {genre} movies?", "List top {genre} films.")),
+    Tool("get_holidays", "Public holidays of a country.",
+         (Param("country", "string", "Country name.", "country"),),
+         ("Which public holidays does {country} have?", "List the holidays of {country}.")),
     Tool("route_time", "Travel time between two cities.",
          (Param("origin", "string", "Start city.", "city"),
           Param("destination", "string", "End city.", "city")),
          ("How long from {origin} to {destination}?", "Travel time {origin} to {destination}?")),
     Tool("book_table", "Reserve a restaurant table.",
          (Param("city", "string", "City name.", "city"),
-          Param("people", "integer", "Party size.", "count"),
-          Param("time", "string", "Time, HH:MM.", "time")),
-         ("Book a table in {city} for {people} at {time}.",
-          "Reserve dinner for {people} in {city} at {time}.")),
+          Param("people", "integer", "Party size.", "digit"),
+          Param("hour", "integer", "Hour.", "digit")),
+         ("Book a table in {city} for {people} at {hour}.",
+          "Reserve dinner for {people} in {city} at {hour}.")),
     Tool("get_birthday", "A contact's birthday.",
          (Param("name", "string", "Contact name.", "person"),),
          ("When is {name}'s birthday?", "Remind me of {name}'s birthday.")),
@@ -218,15 +227,13 @@ CHAT_TURNS = (
     ("How are you today?", "I am fine, thank you!"),
 )
 
-SYSTEM_TEMPLATE = """You solve user tasks with tools.
+SYSTEM_TEMPLATE = """Call tools to help the user.
 
 **Available Tools**
 {tools}
 
 **Steps**
-1. Think about the request.
-2. Call the tools it needs.
-3. Reply if no tool fits.
+Think, then call the tools or reply.
 
 **Output Format**
 <think> thoughts </think>
@@ -236,12 +243,12 @@ SYSTEM_TEMPLATE = """You solve user tasks with tools.
 <response> reply </response>
 
 **Notes**
-Always think first. Write one JSON object per line."""
+One JSON object per line."""
 
 
 def format_tool(number: int, tool: Tool) -> str:
     """`N. Name / Description / Parameters`, the layout of ToolRL's system prompts."""
-    params = {p.name: {"type": p.type, "description": p.description} for p in tool.params}
+    params = {p.name: {"type": p.type} for p in tool.params}
     return (f"{number}. Name: {tool.name}\nDescription: {tool.description}\n"
             f"Parameters: {json.dumps(params)}")
 
@@ -259,9 +266,10 @@ def ground_truth(calls: list[dict], response: str | None = None) -> str:
     `<response>`. The thought only names the tools, so it is short and easy to learn."""
     if not calls:
         return f"<think> No tool fits, I should reply. </think>\n<response> {response} </response>"
-    names = " and ".join(dict.fromkeys(call["name"] for call in calls))
+    plan = " and ".join(call["name"] + " with " + ", ".join(json.dumps(v) for v in call["parameters"].values())
+                        for call in calls)
     lines = "\n".join(json.dumps(call) for call in calls)
-    return f"<think> I should call {names}. </think>\n<tool_call>\n{lines}\n</tool_call>"
+    return f"<think> I should call {plan}. </think>\n<tool_call>\n{lines}\n</tool_call>"
 
 
 def sample_call(rng: random.Random, tool: Tool) -> tuple[str, dict]:
@@ -272,20 +280,23 @@ def sample_call(rng: random.Random, tool: Tool) -> tuple[str, dict]:
         pool = [v for v in SLOT_VALUES[p.slot] if v not in used]
         values[p.name] = rng.choice(pool)
         used.add(values[p.name])
-    request = rng.choice(tool.requests).format(**values)
+    # string values are quoted in the request, as in the call: the tiny model then sees the same tokens in
+    # both places (`"Lima"`, not ` Lima`) and only has to copy them; numbers are written as they are
+    quoted = {name: f'"{v}"' if isinstance(v, str) else v for name, v in values.items()}
+    request = rng.choice(tool.requests).format(**quoted)
     return request, {"name": tool.name, "parameters": values}
 
 
 def sample_tools(rng: random.Random) -> list[Tool]:
-    """2-4 distinct tools in random order, with at most MAX_LISTED_PARAMS parameters in all."""
+    """2-3 distinct tools in random order, with at most MAX_LISTED_PARAMS parameters in all."""
     while True:
-        tools = rng.sample(TOOLS, rng.randint(2, 4))
+        tools = rng.sample(TOOLS, rng.randint(2, 3))
         if sum(len(t.params) for t in tools) <= MAX_LISTED_PARAMS:
             return tools
 
 
 def sample_row(rng: random.Random) -> dict:
-    """One row: {"system", "user", "ground_truth", "calls"}. 2-4 tools are listed; the ones the
+    """One row: {"system", "user", "ground_truth", "calls"}. 2-3 tools are listed; the ones the
     request needs are among them, in random places."""
     kind = rng.random()
     tools = sample_tools(rng)
@@ -304,26 +315,30 @@ def sample_row(rng: random.Random) -> dict:
 
 
 def demo_rows(split: str, seed: int = DEMO_SEED) -> list[dict]:
-    """The demo split as rows {"system", "user", "ground_truth", "calls"}.
+    """The demo split ("train", "validation" or "test") as rows {"system", "user", "ground_truth", "calls"}.
 
-    One stream of unique prompts is drawn; the first NUM_TRAIN are "train", the next NUM_TEST
-    "test". Same seed, same rows, on every machine.
+    One stream of unique prompts is drawn and cut in SPLIT_SIZES order: test, validation, train.
+    Same seed, same rows, on every machine.
     """
-    if split not in ("train", "test"):
-        raise ValueError(f"the demo set has splits 'train' and 'test', not {split!r}")
+    if split not in SPLIT_SIZES:
+        raise ValueError(f"the demo set has splits {list(SPLIT_SIZES)}, not {split!r}")
     rng = random.Random(seed)
     rows, seen = [], set()
-    while len(rows) < NUM_TRAIN + NUM_TEST:
+    while len(rows) < sum(SPLIT_SIZES.values()):
         row = sample_row(rng)
         key = (row["system"], row["user"])
         if key not in seen:
             seen.add(key)
             rows.append(row)
-    return rows[:NUM_TRAIN] if split == "train" else rows[NUM_TRAIN:]
+    start = 0
+    for name, size in SPLIT_SIZES.items():
+        if name == split:
+            return rows[start:start + size]
+        start += size
 
 
 def demo_texts(seed: int = DEMO_SEED) -> list[str]:
     """Every system prompt, user turn and ground truth of both splits: the corpus the tiny
     tokenizer is trained on (so that demo prompts tokenise short)."""
-    return [row[key] for split in ("train", "test") for row in demo_rows(split, seed)
+    return [row[key] for split in SPLIT_SIZES for row in demo_rows(split, seed)
             for key in ("system", "user", "ground_truth")]

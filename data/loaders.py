@@ -1,20 +1,27 @@
-"""`load_examples`: a file path or a name ("toolrl", "demo") -> a checked list of `Example`s.
+"""`load_examples`: a file path or a name ("toolrl", "toolrl-sft", "apibank", "demo") -> a checked
+list of `Example`s.
 
 The format is read from the file: `.parquet` is verl's layout, `.jsonl` is `{messages,
 ground_truth}` lines, and a `.json` list is ToolRL raw or API-Bank according to the keys of its
-rows (see `data/formats.py`). `"toolrl"` downloads the paper's 4K RL set once into a cache.
+rows (see `data/formats.py`).
+
+Names. "toolrl" (the paper's 4K RL set), "toolrl-sft" (its SFT400 set) and "apibank" (levels 1-3
+as ToolRL processed them) are files of ToolRL's repository at one pinned commit, downloaded once
+into `cache_dir()` and checked against a hash written here before they are used. "demo" is built
+by code (data/demo.py).
 
 Splits. `split=None` returns every row of the source, in file order. `split="train"/"test"`
-applies the source's own split, which exists for two kinds of source only:
-- a ToolRL raw JSON file (including `"toolrl"`): the split of ToolRL's preprocessing script,
-  `np.random.seed(31415); np.random.shuffle(rows)`, then the last `int(0.02 * N)` rows are test
-  and the rest train (4,000 -> 3,920 / 80). Shuffling happens before any row is checked, so a
-  bad row never moves the others between splits.
-- `"demo"`: the built-in train/test split (data/demo.py).
+(and "validation" for the demo) applies the source's own split, which exists for two kinds of source only:
+- a ToolRL raw JSON file (including `"toolrl"`, but not `"toolrl-sft"`, which is one split): the
+  split of ToolRL's preprocessing script, `np.random.seed(31415); np.random.shuffle(rows)`, then
+  the last `int(0.02 * N)` rows are test and the rest train (4,000 -> 3,920 / 80). Shuffling
+  happens before any row is checked, so a bad row never moves the others between splits.
+- `"demo"`: the built-in train/validation/test split (data/demo.py).
 Parquet, API-Bank and JSONL files are already one split each; asking them for a split is an error.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -22,31 +29,44 @@ import urllib.error
 import urllib.request
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from data.demo import demo_rows
+from data.jsonl import read_jsonl  # blank lines yield no row: "row N" counts rows, "line N" counts lines
 from data.formats import (BadRow, Example, chat, check_ground_truth, from_apibank, from_jsonl, from_toolrl,
                           from_verl)
 
-TOOLRL_URL = "https://raw.githubusercontent.com/qiancheng0/ToolRL/main/dataset/rlla_4k_raw/rlla_rl.json"
 TOOLRL_SPLIT_SEED = 31415
 TOOLRL_TEST_FRACTION = 0.02
 SPLITS = ("train", "test")
+DEMO_SPLITS = ("train", "validation", "test")
 
 
 def load_examples(source: str, split: str | None = None, skip_bad_rows: bool = False) -> list[Example]:
-    """Examples from `source`: a path (.json, .jsonl, .parquet) or the name "toolrl" or "demo".
+    """Examples from `source`: a path (.json, .jsonl, .parquet) or a name: "toolrl", "toolrl-sft",
+    "apibank" (all three levels, `meta["level"]` 1-3) or "demo".
 
     Every row is checked (fields and types, and the ground truth's `<tool_call>` block parses).
     A bad row raises ValueError naming the file, the row index and the problem; with
     `skip_bad_rows=True` bad rows are dropped instead and listed on stdout.
     """
+    if source == "demo":
+        if split is not None and split not in DEMO_SPLITS:
+            raise ValueError(f"the demo set's splits are {', '.join(DEMO_SPLITS)}; got {split!r}")
+        return demo_examples(split)
     if split is not None and split not in SPLITS:
         raise ValueError(f"split must be None, 'train' or 'test', got {split!r}")
-    if source == "demo":
-        return demo_examples(split)
-    path = download_toolrl() if source == "toolrl" else existing_file(source)
+    if source in DATASETS:
+        if split is not None and source != "toolrl":
+            raise ValueError(f"'{source}' is one split; pass split=None (splits apply to 'toolrl', 'demo' "
+                             "and ToolRL raw JSON files)")
+        return [example for path in download(source) for example in load_file(path, split, skip_bad_rows)]
+    return load_file(existing_file(source), split, skip_bad_rows)
+
+
+def load_file(path: Path, split: str | None, skip_bad_rows: bool) -> list[Example]:
     layout, rows = read_rows(path)
     indexed = list(enumerate(rows))
     if split is not None:
@@ -102,7 +122,7 @@ def apibank_level(path: Path) -> int | None:
 
 
 def demo_examples(split: str | None) -> list[Example]:
-    splits = SPLITS if split is None else (split,)
+    splits = DEMO_SPLITS if split is None else (split,)
     return [Example(f"demo-{name}-{i}", chat(row["system"], row["user"]), check_ground_truth(row["ground_truth"]),
                     meta={"num_calls": len(row["calls"])})
             for name in splits for i, row in enumerate(demo_rows(name))]
@@ -114,7 +134,7 @@ def existing_file(source: str) -> Path:
     path = Path(source).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"no data file at {source!r}. Give a path to a .json (ToolRL raw or "
-                                "API-Bank), .jsonl or .parquet file, or the name 'toolrl' or 'demo'.")
+                                f"API-Bank), .jsonl or .parquet file, or a name: {', '.join(NAMES)}.")
     return path
 
 
@@ -129,7 +149,7 @@ def read_rows(path: Path) -> tuple[str, list]:
         rows = read_json(path)
         return json_layout(path, rows), rows
     raise ValueError(f"unknown data format for {path}: expected a .json, .jsonl or .parquet file, "
-                     "or the name 'toolrl' or 'demo'")
+                     f"or a name: {', '.join(NAMES)}")
 
 
 def json_layout(path: Path, rows) -> str:
@@ -152,20 +172,6 @@ def read_json(path: Path):
         raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
-def read_jsonl(path: Path) -> list:
-    """One JSON value per line; blank lines are allowed and not counted as rows."""
-    rows = []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {number} is not valid JSON: {e}") from None
-    return rows
-
-
 def read_parquet(path: Path) -> list[dict]:
     # pandas and pyarrow are optional dependencies, needed only here
     try:
@@ -180,38 +186,107 @@ def read_parquet(path: Path) -> list[dict]:
     return frame.to_dict("records")
 
 
-# ---------------------------------------------------------------- the "toolrl" download
+# ---------------------------------------------------------------- the named data sets: pinned downloads
+
+TOOLRL_COMMIT = "8cee13ec0ca72f0461da372a93a6fd8140dbb840"  # qiancheng0/ToolRL, the files the paper released
+TOOLRL_RAW = f"https://raw.githubusercontent.com/qiancheng0/ToolRL/{TOOLRL_COMMIT}/"
+DOWNLOAD_TIMEOUT = 20  # seconds without a byte before a download fails: offline fails fast, no retries
+
+
+class RemoteFile(NamedTuple):
+    path: str     # in ToolRL's repository at TOOLRL_COMMIT
+    hash: str     # "sha256", or "git-blob": the id git gives the file (see file_digest)
+    digest: str   # hex
+
+
+class Dataset(NamedTuple):
+    files: tuple[RemoteFile, ...]
+    local_copy: str  # how train.py / eval.py take a local copy instead: the way out when a download fails
+
+
+DATASETS = {
+    "toolrl": Dataset(
+        (RemoteFile("dataset/rlla_4k_raw/rlla_rl.json", "git-blob", "1827b67d516cca98f58541c8d218a038d13321e3"),),
+        "pass a local copy with train.py --data PATH --data_split train, or its held-out split "
+        "(dataset/rlla_4k/test.parquet) with eval.py --toolrl_data PATH"),
+    "toolrl-sft": Dataset(
+        (RemoteFile("dataset/rlla_4k_raw/rlla_sft.json", "sha256",
+                    "ef42a7b1574f1552d6cc7bf9f060a6425458ff67bae2baf53e945dc640dc125c"),),
+        "pass a local copy with train.py --sft_data PATH"),
+    "apibank": Dataset(
+        tuple(RemoteFile(f"benchmarks/API-Bank/level-{level}-api_processed.json", "sha256", digest)
+              for level, digest in [(1, "51ebc8209ba467ce4cc1854d23b2cfd89759f3c45ff2aaf90de4f003162ea98f"),
+                                    (2, "75c8097b3127d1f7aec13edb6b7a8428565d753b107f2b1e20daa3d0cfda51db"),
+                                    (3, "57228427976f05725d9cf2f0ab03ac16487efaed67d5a929b28e974b9b27ef05")]),
+        "pass a folder holding the three level-N-api_processed.json files with eval.py --apibank_dir PATH"),
+}
+NAMES = (*DATASETS, "demo")
+
+
+class DownloadError(SystemExit):
+    """A file of a named data set could not be fetched, or its bytes are not the pinned ones.
+
+    A SystemExit, like argparse's errors: train.py and eval.py stop with this one line rather than a
+    traceback, and no `except Exception` on the way swallows it. Catch it by name to handle it."""
+
 
 def cache_dir() -> Path:
     return Path(os.environ.get("GRPO_CACHE", "~/.cache/grpo-toolrl")).expanduser()
 
 
-def download_toolrl(url: str = TOOLRL_URL) -> Path:
-    """ToolRL's `rlla_rl.json` (4,000 rows), downloaded once into `cache_dir()`.
+def download(name: str) -> list[Path]:
+    """The files of `DATASETS[name]` in the cache, each downloaded on first use."""
+    dataset = DATASETS[name]
+    return [fetch(remote, dataset.local_copy) for remote in dataset.files]
 
-    The download goes to a temporary name and is renamed only after it parses as JSON, so an
-    interrupted download never leaves a broken file in the cache.
+
+def fetch(remote: RemoteFile, local_copy: str) -> Path:
+    """One file of ToolRL's repository at TOOLRL_COMMIT, downloaded once into `cache_dir()`.
+
+    The bytes go to a temporary name of this process and are renamed only after their hash matches,
+    so the cache never holds a partial or unexpected file, and ranks downloading at once (torchrun)
+    never write into each other's file. A file in the cache passed that check when it was renamed.
     """
-    from tqdm import tqdm
-
-    path = cache_dir() / "rlla_rl.json"
+    path = cache_dir() / f"ToolRL-{TOOLRL_COMMIT[:7]}" / Path(remote.path).name
     if path.is_file():
         return path
+    url = TOOLRL_RAW + remote.path
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".part")
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.part")
     try:
-        with urllib.request.urlopen(url, timeout=20) as response, open(partial, "wb") as out, \
-                tqdm(total=int(response.headers.get("Content-Length") or 0) or None, unit="B",
-                     unit_scale=True, desc=path.name) as bar:
-            while chunk := response.read(1 << 16):
-                out.write(chunk)
-                bar.update(len(chunk))
-        json.loads(partial.read_text(encoding="utf-8"))
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        partial.unlink(missing_ok=True)
-        raise RuntimeError(
-            f"could not download the ToolRL data from {url} ({e}). Without internet, fetch "
-            "dataset/rlla_4k_raw/rlla_rl.json from github.com/qiancheng0/ToolRL elsewhere and pass its "
-            "path: load_examples('path/to/rlla_rl.json', split='train')") from None
-    os.replace(partial, path)
-    return path
+        stream(url, temporary, path.name)
+        actual = file_digest(temporary, remote.hash)
+        if actual == remote.digest:
+            os.replace(temporary, path)
+            return path
+    except OSError as e:  # URLError, HTTPError and socket timeouts are all OSErrors
+        reason = e.reason if type(e) is urllib.error.URLError else e  # URLError's str adds "<urlopen error ...>"
+        raise DownloadError(f"could not download {path.name} from {url} ({reason}); {local_copy}") from None
+    finally:
+        temporary.unlink(missing_ok=True)  # after a failure, a mismatch or Ctrl-C; gone already when renamed
+    raise DownloadError(f"{path.name} from {url} has {remote.hash} {actual}, expected {remote.digest}, so it "
+                        f"was deleted; {local_copy}")
+
+
+def stream(url: str, path: Path, name: str) -> None:
+    """Write the body at `url` to `path` with a progress bar; one try, DOWNLOAD_TIMEOUT per read."""
+    from tqdm import tqdm
+
+    with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response, open(path, "wb") as out, \
+            tqdm(total=int(response.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
+                 desc=name) as bar:
+        while chunk := response.read(1 << 16):
+            out.write(chunk)
+            bar.update(len(chunk))
+
+
+def file_digest(path: Path, kind: str) -> str:
+    """sha256 of the file, or its git blob id: sha1 of b"blob <size>\\0" + content (`git hash-object`).
+
+    The blob id pins a file by the id GitHub shows for it; the size comes from the file on disk, so
+    it need not be known before the download."""
+    digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size) if kind == "git-blob" else hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,15 +1,14 @@
 """data/: loading every layout, the ToolRL split, the demo set, prompt building and row checks."""
-import io
 import json
 import random
 import sys
-import urllib.error
 
 import numpy as np
 import pytest
 
 from data import Example, build_prompts, load_examples
-from data.demo import NUM_TEST, NUM_TRAIN, demo_rows
+from data import demo
+from data.demo import NUM_TEST, NUM_TRAIN, NUM_VALIDATION, demo_rows
 from data.formats import ground_truth_calls
 from data.loaders import toolrl_split_indices
 
@@ -124,38 +123,10 @@ def test_split_only_where_the_source_has_one(tmp_path):
     path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}], "ground_truth": GOOD_OUTPUT}))
     with pytest.raises(ValueError, match="holds one split already"):
         load_examples(str(path), split="train")
-    with pytest.raises(ValueError, match="split must be None, 'train' or 'test'"):
+    with pytest.raises(ValueError, match="the demo set's splits are train, validation, test"):
         load_examples("demo", split="valid")
-
-
-def test_toolrl_offline_fails_at_once_with_a_way_out(tmp_path, monkeypatch):
-    monkeypatch.setenv("GRPO_CACHE", str(tmp_path))
-
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("no network")
-    monkeypatch.setattr("urllib.request.urlopen", offline)
-    with pytest.raises(RuntimeError, match=r"load_examples\('path/to/rlla_rl.json', split='train'\)"):
-        load_examples("toolrl", split="train")
-    assert list(tmp_path.iterdir()) == []  # no partial file left in the cache
-
-
-class FakeResponse(io.BytesIO):
-    headers = {}
-
-
-def test_toolrl_download_is_cached_and_checked(tmp_path, monkeypatch):
-    monkeypatch.setenv("GRPO_CACHE", str(tmp_path))
-    monkeypatch.setattr("urllib.request.urlopen", lambda *a, **k: FakeResponse(b'[{"instruction": "x", "inp'))
-    with pytest.raises(RuntimeError, match="could not download"):  # a truncated download
-        load_examples("toolrl")
-    assert list(tmp_path.iterdir()) == []
-
-    body = json.dumps([toolrl_row(i) for i in range(100)]).encode()
-    monkeypatch.setattr("urllib.request.urlopen", lambda *a, **k: FakeResponse(body))
-    assert len(load_examples("toolrl", split="test")) == 2
-    monkeypatch.setattr("urllib.request.urlopen", None)  # second call reads the cache only
-    assert len(load_examples("toolrl", split="train")) == 98
-    assert [p.name for p in tmp_path.iterdir()] == ["rlla_rl.json"]
+    with pytest.raises(ValueError, match="split must be None, 'train' or 'test'"):
+        load_examples(str(path), split="validation")
 
 
 # ---------------------------------------------------------------- the demo set
@@ -170,24 +141,32 @@ def test_demo_is_deterministic_and_leaves_global_rng_alone():
     assert demo_rows("train", seed=1) != demo_rows("train", seed=0)
 
 
-def test_demo_splits_and_mix_of_rows():
-    train, test = load_examples("demo", split="train"), load_examples("demo", split="test")
-    assert (len(train), len(test)) == (NUM_TRAIN, NUM_TEST)
-    assert load_examples("demo") == train + test
+def test_demo_splits_are_disjoint_and_mix_rows():
+    train, validation, test = (load_examples("demo", split=s) for s in ("train", "validation", "test"))
+    assert (len(train), len(validation), len(test)) == (NUM_TRAIN, NUM_VALIDATION, NUM_TEST)
+    assert load_examples("demo") == train + validation + test
     prompts = lambda examples: {(e.messages[0]["content"], e.messages[1]["content"]) for e in examples}
-    assert not prompts(train) & prompts(test)
+    assert len(prompts(train) | prompts(validation) | prompts(test)) == NUM_TRAIN + NUM_VALIDATION + NUM_TEST
     calls_per_row = [len(ground_truth_calls(e.ground_truth)) for e in train]
     assert {0, 1, 2} == set(calls_per_row)
     assert all("<response>" in e.ground_truth for e, n in zip(train, calls_per_row) if n == 0)
 
 
 def test_demo_values_are_copied_from_the_request():
-    # the contract that makes the demo learnable: every argument appears verbatim in the request
-    for row in demo_rows("train") + demo_rows("test"):
+    # the contract that makes the demo learnable: every argument appears verbatim in the request, a string
+    # in quotes (as in the call's JSON), a number as it is
+    for row in demo_rows("train") + demo_rows("validation") + demo_rows("test"):
         for call in row["calls"]:
             assert call["name"] in row["system"]
             for value in call["parameters"].values():
-                assert str(value) in row["user"], (value, row["user"])
+                assert (f'"{value}"' if isinstance(value, str) else f" {value}") in row["user"], (value, row["user"])
+
+
+def test_resizing_the_train_split_keeps_validation_and_test(monkeypatch):
+    before = {s: demo_rows(s) for s in ("validation", "test")}
+    monkeypatch.setitem(demo.SPLIT_SIZES, "train", 50)
+    assert len(demo_rows("train")) == 50
+    assert {s: demo_rows(s) for s in ("validation", "test")} == before
 
 
 # ---------------------------------------------------------------- prompts
@@ -297,7 +276,7 @@ def test_missing_pandas_names_the_pip_command(tmp_path, monkeypatch):
 
 
 def test_unknown_formats_and_missing_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no data file at .*'toolrl' or 'demo'"):
+    with pytest.raises(FileNotFoundError, match="no data file at .*a name: toolrl, toolrl-sft, apibank, demo"):
         load_examples(str(tmp_path / "absent.json"))
     with pytest.raises(FileNotFoundError, match="no data file"):
         load_examples("not_a_known_name")
