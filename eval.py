@@ -7,9 +7,11 @@ Each model (a hub id, a bare "Qwen2.5-..." name, a local directory or a train.py
 every item greedily; the answers are scored, and a table of models x metrics is printed and written.
 
   toolrl   the ToolRL held-out split (80 rows): mean reward and its terms (rewards/toolrl.py, the
-           paper's default reward), format accuracy (format term at its maximum) and exact match
-           (correctness at its maximum: the gold calls, in any order), over the rows whose target
-           makes calls.
+           paper's default reward), format accuracy (format term at its maximum), and over the rows
+           whose target makes calls, tool-name accuracy (the set of called names equals the gold set)
+           and exact match (correctness at its maximum: the gold calls, in any order).
+  demo     the built-in demo set's held-out split (data/demo.py; --demo_split, test by default), scored
+           as toolrl. train.py ends with this table for the untrained, warm-start and final models.
   apibank  API-Bank levels 1-3 (399 / 67 / 131 rows) with the paper's protocol (rewards/apibank.py):
            accuracy per level and overall = correct / 597.
   bfcl     BFCL's single-turn categories (data/bfcl.py, prompted as the paper's BFCL handler did),
@@ -48,9 +50,6 @@ from rewards import RewardConfig, toolrl_reward
 from rewards import apibank, bfcl
 from rewards.toolrl import SCALES
 
-REPO = Path(__file__).resolve().parent
-SHARED_DATA = REPO.parent / "shared" / "data"  # where the project's test data sits beside a checkout
-
 
 @dataclass
 class EvalConfig:
@@ -58,14 +57,15 @@ class EvalConfig:
 
     model: list[str] = field([], "model to evaluate: hub id, bare Qwen2.5/Llama name, local dir or "
                                  "train.py checkpoint; repeat the flag for several", multiple=True)
-    benchmarks: str = field("toolrl,apibank,bfcl", "comma-separated benchmarks: toolrl, apibank, bfcl")
+    benchmarks: str = field("toolrl,apibank,bfcl", "comma-separated benchmarks: toolrl, apibank, bfcl, demo")
+    demo_split: str = field("test", "split of the demo benchmark (validation: for choosing hyperparameters)",
+                            choices=["train", "validation", "test"])
     output_dir: str = field("eval_out", "where summary.json, summary.md and the predictions go")
     limit: int = field(0, "first N items of the toolrl set, of each API-Bank level, of each BFCL category; 0 = all")
-    toolrl_data: str = field("", "ToolRL held-out file (.parquet/.json/.jsonl); empty: "
-                                 "../shared/data/toolrl/rlla_4k_test.parquet if present, else the test "
-                                 "split of the ToolRL download")
+    toolrl_data: str = field("", "ToolRL held-out file (.parquet/.json/.jsonl); empty: the test split (80 rows) "
+                                 "of the 'toolrl' download (data/loaders.py)")
     apibank_dir: str = field("", "folder with level-{1,2,3}-api_processed.json (ToolRL's processed "
-                                 "API-Bank); empty: ../shared/data/apibank")
+                                 "API-Bank); empty: the 'apibank' download (data/loaders.py)")
     bfcl_dir: str = field("", "folder with BFCL_v*_<category>.json and possible_answer/; empty: the data "
                               "inside the bfcl-eval package (pip install --no-deps bfcl-eval)")
     bfcl_categories: str = field(",".join(BFCL_CATEGORIES), "comma-separated BFCL categories")
@@ -81,22 +81,18 @@ class EvalConfig:
 # Every item has .id and .messages ([system, user]); score(item, output) -> one predictions.jsonl row.
 
 def load_toolrl(config: EvalConfig) -> list:
-    default = SHARED_DATA / "toolrl" / "rlla_4k_test.parquet"
-    if config.toolrl_data:
-        examples = load_examples(config.toolrl_data)
-    elif default.is_file():
-        examples = load_examples(str(default))
-    else:
-        examples = load_examples("toolrl", split="test")
+    examples = load_examples(config.toolrl_data) if config.toolrl_data else load_examples("toolrl", split="test")
     return examples[:config.limit or None]
 
 
 def score_toolrl(example, output: str) -> dict:
     reward = toolrl_reward(output, example.ground_truth)  # the paper's reward, step 0
     (_, format_max), (_, correctness_max) = SCALES[RewardConfig().scale](0)
-    # exact match is defined for targets that make calls (71 of the 80); None for response-only ones
-    exact = reward["correctness"] == correctness_max if "<tool_call>" in example.ground_truth else None
-    return {"id": example.id, "output": output, "calls": readable_calls(output), "correct": exact,
+    calls, gold = readable_calls(output), ground_truth_calls(example.ground_truth)
+    # tool names and exact match are defined for targets that make calls (71 of the 80); None for the others
+    names_ok = calls is not None and {c["name"] for c in calls} == {c["name"] for c in gold} if gold else None
+    exact = reward["correctness"] == correctness_max if gold else None
+    return {"id": example.id, "output": output, "calls": calls, "correct": exact, "names_ok": names_ok,
             "format_ok": reward["format"] == format_max, **reward}
 
 
@@ -114,13 +110,21 @@ def summarize_toolrl(rows: list[dict]) -> dict:
         values = [float(r[key]) for r in rows if r[key] is not None]
         return sum(values) / len(values) if values else float("nan")
     return {"reward": mean("total"), "format_reward": mean("format"), "correctness_reward": mean("correctness"),
-            "format_accuracy": mean("format_ok"), "exact_match": mean("correct")}
+            "format_accuracy": mean("format_ok"), "name_accuracy": mean("names_ok"), "exact_match": mean("correct")}
+
+
+def load_demo(config: EvalConfig) -> list:
+    return load_examples("demo", split=config.demo_split)[:config.limit or None]
 
 
 def load_apibank(config: EvalConfig) -> list:
-    folder = Path(config.apibank_dir) if config.apibank_dir else SHARED_DATA / "apibank"
-    return [example for level in apibank.LEVELS
-            for example in load_examples(str(folder / f"level-{level}-api_processed.json"))[:config.limit or None]]
+    if config.apibank_dir:
+        examples = [example for level in apibank.LEVELS for example in
+                    load_examples(str(Path(config.apibank_dir) / f"level-{level}-api_processed.json"))]
+    else:
+        examples = load_examples("apibank")  # the three levels, meta["level"] on each
+    by_level = {level: [e for e in examples if e.meta["level"] == level] for level in apibank.LEVELS}
+    return [example for level in apibank.LEVELS for example in by_level[level][:config.limit or None]]
 
 
 def score_apibank(example, output: str) -> dict:
@@ -162,6 +166,7 @@ class Benchmark(NamedTuple):
 
 
 BENCHMARKS = {"toolrl": Benchmark(load_toolrl, score_toolrl, summarize_toolrl),
+              "demo": Benchmark(load_demo, score_toolrl, summarize_toolrl),
               "apibank": Benchmark(load_apibank, score_apibank, summarize_apibank),
               "bfcl": Benchmark(load_bfcl, score_bfcl, summarize_bfcl)}
 
@@ -228,6 +233,17 @@ def results_table(summary: dict) -> list[list[str]]:
     return rows
 
 
+def paper_table(summary: dict, benchmark: str, labels: dict | None = None) -> list[list[str]]:
+    """One row per model, in the shape of the paper's tables: format, tool names, exact match (percent),
+    mean reward; for the toolrl-scored benchmarks (toolrl, demo)."""
+    rows = [["model", "format", "tool names", "exact match", "reward"]]
+    for name, results in summary.items():
+        r = results[benchmark]
+        rows.append([(labels or {}).get(name, name)] + [format_value(m, r[m]) for m in
+                                                       ("format_accuracy", "name_accuracy", "exact_match", "reward")])
+    return rows
+
+
 def markdown(rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows[1:]]) + "\n"
@@ -274,10 +290,18 @@ def main(config: EvalConfig) -> dict:
             resolve_model_name(name)
         except ValueError as e:
             raise SystemExit(str(e))
+    print(config_json(config))
+    summary = evaluate(config)
+    print("\n\n".join(plain(t) for t in tables(summary, names)))
+    return summary
+
+
+def evaluate(config: EvalConfig) -> dict:
+    """Every model on every benchmark of `config` -> {model: {benchmark: metrics}}; writes the predictions,
+    summary.json and summary.md under config.output_dir. train.py's end-of-run table comes from here too."""
+    names = [b.strip() for b in config.benchmarks.split(",") if b.strip()]
     if config.device == "auto":
         config = dataclasses.replace(config, device="cuda" if torch.cuda.is_available() else "cpu")
-    print(config_json(config))
-
     benchmarks = {name: BENCHMARKS[name].load(config) for name in names}  # loaded once, for every model
     summary, rescored = {}, {}
     for name in config.model:
@@ -289,10 +313,14 @@ def main(config: EvalConfig) -> dict:
     out = Path(config.output_dir)
     atomic_write_text(out / "summary.json",
                       json.dumps({"config": dataclasses.asdict(config), "results": summary}, indent=2))
-    table = results_table(summary)
-    atomic_write_text(out / "summary.md", markdown(table))
-    print(plain(table))
+    atomic_write_text(out / "summary.md", "\n".join(markdown(t) for t in tables(summary, names)))
     return summary
+
+
+def tables(summary: dict, benchmarks: list[str]) -> list[list[list[str]]]:
+    """Every metric (rows) of every model (columns); then, for the toolrl-scored benchmarks, one row per model."""
+    return [results_table(summary)] + [paper_table(summary, b) for b in benchmarks
+                                       if BENCHMARKS[b].score is score_toolrl]
 
 
 if __name__ == "__main__":

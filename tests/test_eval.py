@@ -64,10 +64,11 @@ def test_rescore_gives_the_known_scores(tmp_path, shared_data):
 
     results = main(cfg)["m/one"]
 
-    # row 0: 1 (format) + 3 (correctness); row 1: 0 + 0 (no gold call: correctness is 0). Exact
-    # match counts row 0 only, the one whose target makes calls.
+    # row 0: 1 (format) + 3 (correctness); row 1: 0 + 0 (no gold call: correctness is 0). Tool names and
+    # exact match count row 0 only, the one whose target makes calls.
     assert results["toolrl"] == {"num_items": 2, "reward": (4 + 0) / 2, "format_reward": 0.5,
-                                 "correctness_reward": 1.5, "format_accuracy": 0.5, "exact_match": 1.0}
+                                 "correctness_reward": 1.5, "format_accuracy": 0.5, "name_accuracy": 1.0,
+                                 "exact_match": 1.0}
     assert results["apibank"] == {"num_items": 6, "level_1": 0.5, "level_2": 0.5, "level_3": 0.5, "overall": 0.5}
     assert results["bfcl"] == {"num_items": 4, "parallel": 0.5, "irrelevance": 0.5}
     rows = [json.loads(line) for line in (tmp_path / "out" / "m_one" / "bfcl" / "predictions.jsonl").open()]
