@@ -19,6 +19,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from data import build_prompts, load_examples
 from grpo import checkpoint as ckpt
 from grpo import dist
 from grpo.cli import config_json, field, parse_config
+from grpo.io import atomic_path, atomic_write_text
 from grpo.logprobs import CompletionLogprobs
 from grpo.loss import group_advantages, grpo_token_loss, masked_sum, zero_std_fraction
 from grpo.model import load_model, load_tokenizer, resolve_model_name, set_checkpointing
@@ -88,21 +90,25 @@ class Config:
     sft_steps: int = field(0, "supervised optimizer steps before GRPO")
     sft_batch_size: int = field(16, "examples per supervised step")
     sft_learning_rate: float = field(1e-5, "learning rate of the supervised warm start")
+    sft_lr_scheduler_type: str = field("constant", "warm start's learning-rate schedule after its warm-up",
+                                       choices=["constant", "linear", "cosine"])
+    sft_warmup_steps: int = field(0, "warm start's steps of linear learning-rate warm-up from 0")
     # logging and checkpoints
     save_every: int = field(20, "checkpoint every N steps (and at the end)")
     keep_checkpoints: int = field(2, "checkpoints kept on disk (oldest removed)")
     log_samples_every: int = field(10, "write a few completions with their rewards every N steps")
+    # held-out evaluation at the end (eval.py's code: greedy decoding, the toolrl metrics)
+    eval_data: str = field("auto", "held-out set on which the start, warm-start and final models are compared at "
+                                   "the end: 'demo' (its test split), 'toolrl' (its test split), a ToolRL-format "
+                                   "file, or 'none'; 'auto' = the test split of --data when it has one")
 
 
 # `--model tiny`: a CPU-sized run of the same code. Fields given on the command line win.
 TINY_PRESET = dict(
-    data="demo", prompts_per_step=16, num_generations=4, max_prompt_length=512, max_new_tokens=64,
-    temperature=0.7, max_steps=60, steps_per_generation=1, micro_batch_size=64, learning_rate=1e-3, beta=0.0,
-    entropy_coef=0.0, gradient_checkpointing=False, sft_data="demo", sft_steps=60, sft_batch_size=16,
-    sft_learning_rate=3e-3, save_every=10, log_samples_every=10,
-    # a 0.2M-parameter model's ops are too small to split: with 2 threads on a busy 2-core machine, OpenMP's
-    # waiting made generation 23x slower (13.4 s vs 0.58 s for the demo's 64 completions)
-    cpu_threads=1,
+    data="demo", prompts_per_step=16, num_generations=8, max_prompt_length=512, max_new_tokens=96,
+    temperature=1.0, max_steps=30, steps_per_generation=2, micro_batch_size=64, learning_rate=2e-4, beta=0.0,
+    entropy_coef=0.0, gradient_checkpointing=False, sft_data="demo", sft_steps=600, sft_batch_size=16,
+    sft_learning_rate=3e-3, save_every=10, log_samples_every=10, cpu_threads=2,
 )
 
 
@@ -116,6 +122,8 @@ def configure(argv=None) -> Config:
         cfg = replace(cfg, data="demo" if cfg.model == "tiny" else "toolrl")
     if cfg.data_split is None and cfg.data in ("toolrl", "demo"):
         cfg = replace(cfg, data_split="train")
+    if cfg.eval_data == "auto":
+        cfg = replace(cfg, eval_data=cfg.data if cfg.data in ("toolrl", "demo") else "none")
     for name in ("prompts_per_step", "max_prompt_length", "max_new_tokens", "generation_batch_size",
                  "max_steps", "steps_per_generation", "micro_batch_size", "logprob_chunk_size",
                  "save_every", "keep_checkpoints", "log_samples_every", "max_bad_steps", "sft_batch_size"):
@@ -139,10 +147,12 @@ def configure(argv=None) -> Config:
     for ok, message in checks:
         if not ok:
             raise SystemExit(message)
-    for name in ("data", "sft_data"):
+    for name in ("data", "sft_data", "eval_data"):
         source = getattr(cfg, name)
-        if source and source not in ("demo", "toolrl") and not Path(source).exists():
-            raise SystemExit(f"--{name} {source!r}: no such file (or use 'demo' / 'toolrl')")
+        if name == "eval_data" and source == "none":
+            continue
+        if source and source not in ("demo", "toolrl", "toolrl-sft") and not Path(source).exists():
+            raise SystemExit(f"--{name} {source!r}: no such file (or use 'demo' / 'toolrl' / 'toolrl-sft')")
     if cfg.model != "tiny":
         try:
             resolve_model_name(cfg.model)
@@ -161,16 +171,36 @@ def _model_context_length(model: str) -> int | None:
     return json.loads(path.read_text()).get("max_position_embeddings") if path.is_file() else None
 
 
-def sft_warm_start(cfg: Config, policy: CompletionLogprobs, tokenizer, autocast) -> None:
-    """Supervised steps on ground truths: -mean log p(ground truth + EOS | prompt), completion tokens only."""
+def lr_factor(kind: str, warmup_steps: int, total_steps: int, step: int) -> float:
+    """Learning rate at `step` over the base rate: linear warm-up from 0 over `warmup_steps`, then constant, or
+    a linear or cosine decay to 0 at `total_steps`."""
+    if step < warmup_steps:
+        return step / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1.0 + math.cos(math.pi * progress))}[kind]
+
+
+def sft_warm_start(cfg: Config, policy: CompletionLogprobs, tokenizer, autocast, start: int = 0,
+                   seconds: float | None = None) -> int:
+    """Supervised steps on ground truths: -mean log p(ground truth + EOS | prompt), completion tokens only.
+
+    Runs steps start, start+1, ... of the data order (a function of the seed): `cfg.sft_steps` of them, or with
+    `seconds`, as many as fit in that wall time (bench/sft_control.py: supervised steps instead of GRPO).
+    Returns the number of steps taken."""
     examples = load_examples(cfg.sft_data, split="train" if cfg.sft_data in ("toolrl", "demo") else None)
     prompts, _ = build_prompts(tokenizer, examples, cfg.max_prompt_length)
     targets = [tokenizer(e.ground_truth, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
                for e in examples]
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.sft_learning_rate, weight_decay=cfg.weight_decay)
+    # with `seconds` (the control) the number of steps is unknown in advance: the base rate, constant
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg.sft_lr_scheduler_type,
+                                                                    cfg.sft_warmup_steps, cfg.sft_steps)) \
+        if seconds is None else None
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed))
     device = next(policy.parameters()).device
-    for step in (bar := tqdm(range(cfg.sft_steps), desc="sft")):
+    t0, step = time.perf_counter(), start
+    bar = tqdm(total=cfg.sft_steps if seconds is None else None, desc="sft")
+    while (step < start + cfg.sft_steps) if seconds is None else (time.perf_counter() - t0 < seconds):
         idx = [order[(step * cfg.sft_batch_size + i) % len(examples)].item() for i in range(cfg.sft_batch_size)]
         prompt_ids, prompt_mask = left_pad([prompts[i] for i in idx], pad_token_id(tokenizer))     # (b, P)
         T = max(len(targets[i]) for i in idx)
@@ -185,7 +215,13 @@ def sft_warm_start(cfg: Config, policy: CompletionLogprobs, tokenizer, autocast)
         torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if schedule:
+            schedule.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.update()
+        step += 1
+    bar.close()
+    return step - start
 
 
 @torch.no_grad()
@@ -250,6 +286,24 @@ def policy_update(policy, optimizer, rollout: Rollout, advantages, old_logp, ref
     return totals
 
 
+def evaluate_heldout(cfg: Config, models: dict[str, str], output_dir: Path, device: str) -> dict[str, float] | None:
+    """The paper's comparison in miniature: each of `models` ({label: path}) answers the held-out split greedily,
+    scored by eval.py's own code (predictions and summary in output_dir, as `python eval.py --model ...` writes
+    them). Prints one row per model; returns {label: exact match}."""
+    if cfg.eval_data == "none":
+        return None
+    from eval import EvalConfig, evaluate, paper_table, plain
+    benchmark = "demo" if cfg.eval_data == "demo" else "toolrl"
+    config = EvalConfig(model=list(models.values()), benchmarks=benchmark, output_dir=str(output_dir),
+                        toolrl_data="" if cfg.eval_data in ("demo", "toolrl") else cfg.eval_data,
+                        max_new_tokens=cfg.max_new_tokens, max_prompt_tokens=cfg.max_prompt_length, device=device,
+                        trust_remote_code=cfg.trust_remote_code)
+    summary = evaluate(config)
+    print(f"\nheld-out {cfg.eval_data} set, greedy ({output_dir}):\n"
+          + plain(paper_table(summary, benchmark, {path: label for label, path in models.items()})))
+    return {label: summary[path][benchmark]["exact_match"] for label, path in models.items()}
+
+
 def main(argv=None):
     cfg = configure(argv)
     dist.setup()                    # distributed: join torchrun's process group; other ranks than 0 print nothing
@@ -257,7 +311,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     print(config_json(cfg))
     if dist.rank() == 0:            # distributed: rank 0 alone writes files (here and below)
-        (out / "train_config.json").write_text(config_json(cfg))
+        atomic_write_text(out / "train_config.json", config_json(cfg))
     torch.manual_seed(cfg.seed)
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
@@ -268,15 +322,15 @@ def main(argv=None):
     # ---- model, reference, data
     model_path = cfg.model
     if cfg.model == "tiny":
-        from grpo.tiny import save_tiny_model
+        from grpo.tiny import DEMO_MODEL, save_tiny_model
         model_path = str(out / "tiny-init")
         if dist.rank() == 0 and not Path(model_path, "config.json").is_file():
-            save_tiny_model(model_path)
+            save_tiny_model(model_path, **DEMO_MODEL)
         dist.barrier()
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     examples = load_examples(cfg.data, split=cfg.data_split)
     prompts, n_truncated = build_prompts(tokenizer, examples, cfg.max_prompt_length)
-    resumed = ckpt.find_resumable(Path(cfg.resume)) if cfg.resume else None
+    resumed = ckpt.find_resumable(Path(cfg.resume), trust_remote_code=cfg.trust_remote_code) if cfg.resume else None
     if cfg.resume and resumed is None:
         print(f"--resume {cfg.resume}: no usable checkpoint there; starting from step 0")
     model = load_model(str(resumed[0]) if resumed else model_path, device=device,
@@ -293,8 +347,9 @@ def main(argv=None):
         if not resumed:
             sft_warm_start(cfg, policy, tokenizer, autocast)          # every rank: the same steps on the same data
             if dist.rank() == 0:
-                model.save_pretrained(ref_path)
-                tokenizer.save_pretrained(ref_path)
+                with atomic_path(ref_path) as tmp:          # whole or not at all (grpo/io.py)
+                    model.save_pretrained(tmp)
+                    tokenizer.save_pretrained(tmp)
             dist.barrier()
     ref_policy = None
     if cfg.beta > 0:
@@ -363,7 +418,7 @@ def main(argv=None):
             "completion_length": lengths.mean().item(),
             "clipped_ratio": rollout.truncated.float().mean().item(),
             **stats, "learning_rate": optimizer.param_groups[0]["lr"],
-            "time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2,
+            "time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2, "time/step": t3 - t0,
             "tokens_per_second": rollout.attention_mask.sum().item() / (t3 - t0),
         }
         if device == "cuda":
@@ -372,7 +427,8 @@ def main(argv=None):
         if log:                                             # distributed: rank 0 alone logs
             log.write(metrics)
             if (step + 1) % cfg.log_samples_every == 0 or step == start_step:
-                log.samples(step + 1, completions[:G], truths[:G], scores[:G])
+                log.samples(step + 1, [examples[batch[0]].messages[-1]["content"]] * G,   # the first prompt's G
+                            completions[:G], truths[:G], scores[:G])
 
         bad_steps = bad_steps + 1 if metrics["skipped"] or not math.isfinite(metrics["loss"]) else 0
         if bad_steps >= cfg.max_bad_steps:
@@ -382,7 +438,13 @@ def main(argv=None):
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
             ckpt.save_checkpoint(out, step + 1, model, tokenizer, optimizer, config_json(cfg), cfg.keep_checkpoints)
     if dist.rank() == 0:
-        plot_rewards(out)
+        final = ckpt.list_checkpoints(out)[0]
+        models = {f"untrained ({Path(model_path).name})": model_path}
+        if cfg.sft_steps:
+            models[f"warm start ({Path(ref_path).name})"] = ref_path
+        models[f"GRPO ({final.name})"] = str(final)
+        exact = evaluate_heldout(cfg, models, out / "eval", device)
+        print(f"reward curves: {plot_rewards(out, exact)}")
         print(trend(out))
 
 

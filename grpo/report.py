@@ -28,28 +28,33 @@ class StepLog:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(m) + "\n")
 
-    def samples(self, step: int, completions: list[str], truths: list[str], scores: list[dict]) -> None:
+    def samples(self, step: int, requests: list[str], completions: list[str], truths: list[str],
+                scores: list[dict]) -> None:
+        """Completions with what was asked (the user turn), the ground truth and the reward terms."""
         with open(self.samples_path, "a") as f:
-            for completion, truth, score in zip(completions, truths, scores):
-                f.write(json.dumps({"step": step, "completion": completion, "ground_truth": truth, **score}) + "\n")
+            for request, completion, truth, score in zip(requests, completions, truths, scores):
+                f.write(json.dumps({"step": step, "request": request, "completion": completion,
+                                    "ground_truth": truth, **score}) + "\n")
 
 
-def trend(out: Path, window: int = 5) -> str:
-    """"reward -2.10 -> -1.89, format 0.56 -> 0.83 (mean of the first and last 5 steps)": per-step means
-    are noisy (a batch's mix of prompts moves them), so compare windows."""
+def trend(out: Path) -> str:
+    """"reward -2.10 -> -1.89, format 0.56 -> 0.83, correctness ... (mean of the first and last quarter of the
+    40 steps)": per-step means are noisy (a batch's mix of prompts moves them), so compare windows."""
     rows = read_jsonl(out / "metrics.jsonl")
-    if len(rows) < 2 * window:
+    window = len(rows) // 4
+    if window == 0:
         return ""
     parts = []
     for key in ("reward", "rewards/format", "rewards/correctness"):
         first = sum(r[key] for r in rows[:window]) / window
         last = sum(r[key] for r in rows[-window:]) / window
         parts.append(f"{key.split('/')[-1]} {first:.2f} -> {last:.2f}")
-    return ", ".join(parts) + f" (mean of the first and last {window} steps)"
+    return ", ".join(parts) + f" (mean of the first and last quarter of the {len(rows)} GRPO steps)"
 
 
-def plot_rewards(out: Path) -> Path | None:
-    """reward_curves.png: total reward and its components against the step (needs matplotlib)."""
+def plot_rewards(out: Path, heldout: dict[str, float] | None = None) -> Path | None:
+    """reward_curves.png: total reward and its components against the step (needs matplotlib); with
+    `heldout` ({model label: exact match in [0, 1]}), a second panel of bars: held-out exact match per model."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -59,17 +64,29 @@ def plot_rewards(out: Path) -> Path | None:
         return None
     rows = read_jsonl(out / "metrics.jsonl")
     steps = [r["step"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, axes = plt.subplots(1, 2 if heldout else 1, figsize=(11 if heldout else 7, 4), squeeze=False,
+                             gridspec_kw={"width_ratios": [2.2, 1]} if heldout else None)
+    ax = axes[0, 0]
     for key in ("reward", "rewards/format", "rewards/correctness", "rewards/length"):
         if any(r.get(key) for r in rows):
             values = [r[key] for r in rows]
             line, = ax.plot(steps, values, alpha=0.35, label=f"{key} (per step)")
             smooth = [sum(values[max(0, i - 4):i + 1]) / len(values[max(0, i - 4):i + 1]) for i in range(len(values))]
             ax.plot(steps, smooth, color=line.get_color(), label=f"{key} (mean of last 5)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("mean reward")
-    ax.legend()
+    ax.set_xlabel("GRPO step")
+    ax.set_ylabel("mean reward of the step's completions")
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
+    if heldout:
+        bars = axes[0, 1]
+        labels, values = [label.split(" (")[0] for label in heldout], [100 * v for v in heldout.values()]
+        bars.bar(labels, values, color=["0.6", "tab:blue", "tab:green", "tab:orange"][:len(labels)])
+        for i, v in enumerate(values):
+            bars.text(i, v + 1, f"{v:.0f}%", ha="center")
+        bars.set_ylim(0, 105)
+        bars.set_ylabel("exact match, held-out test split (%)")
+        bars.set_title("greedy, prompts never trained on", fontsize=9)
+        bars.tick_params(axis="x", labelsize=8)
     path = out / "reward_curves.png"
     with atomic_path(path) as tmp:                          # ".tmp-reward_curves.png": still a .png to savefig
         fig.savefig(tmp, dpi=120, bbox_inches="tight")

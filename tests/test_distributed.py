@@ -26,8 +26,11 @@ WORLD = 2
 # The gradient norm is 2.3: clipping to 1 must use the norm of the whole gradient, not of a rank's shard.
 CFG = replace(train.Config(), steps_per_generation=1, micro_batch_size=2, max_grad_norm=1.0, beta=0.1,
               entropy_coef=0.01)
+# One thread: the ranks are forked, and a forked process must not start a new OpenMP pool of several threads
+# (GNU OpenMP deadlocks); no held-out evaluation at the end (test_train checks it).
 SHORT = ["--prompts_per_step", "2", "--num_generations", "2", "--max_new_tokens", "8", "--sft_steps", "1",
-         "--sft_batch_size", "2", "--save_every", "1", "--log_samples_every", "1"]
+         "--sft_batch_size", "2", "--save_every", "1", "--log_samples_every", "1", "--cpu_threads", "1",
+         "--eval_data", "none"]
 
 
 def no_autocast():

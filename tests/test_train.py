@@ -12,7 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import eval as eval_py
 import train
+from data import load_examples
 from grpo import checkpoint as ckpt
 from grpo.logprobs import CompletionLogprobs
 from grpo.loss import group_advantages
@@ -20,6 +22,7 @@ from grpo.rollout import generate_rollout
 from grpo.tiny import build_model, build_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
 # A short run of the demo command: every phase (SFT, rollout, reward, update, checkpoint) in seconds.
 SHORT = ["--prompts_per_step", "2", "--num_generations", "2", "--max_new_tokens", "12", "--sft_steps", "2",
          "--sft_batch_size", "4", "--save_every", "1", "--log_samples_every", "1"]
@@ -76,15 +79,48 @@ def test_demo_command_end_to_end(demo_run):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for key in ("reward", "reward_std", "rewards/format", "rewards/correctness", "frac_reward_zero_std",
                 "completion_length", "clipped_ratio", "kl", "entropy", "loss", "grad_norm", "learning_rate",
-                "time/generate", "time/score", "time/update", "tokens_per_second"):
+                "time/generate", "time/score", "time/update", "time/step", "tokens_per_second"):
         assert key in rows[0], key
     saved = json.loads((demo_run / "train_config.json").read_text())
     assert saved["data"] == "demo" and saved["max_steps"] == 4
     final = demo_run / "checkpoint-000004"
     assert AutoModelForCausalLM.from_pretrained(final) is not None
     assert json.loads((final / "train_config.json").read_text()) == saved
-    assert (demo_run / "samples.jsonl").read_text().count("\n") >= 4
+    samples = [json.loads(line) for line in (demo_run / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) >= 4
+    users = {e.messages[-1]["content"] for e in load_examples("demo", split="train")}
+    assert all(row["request"] in users for row in samples)           # what was asked, beside the completion
     assert [p.name for p in ckpt.list_checkpoints(demo_run)] == ["checkpoint-000004", "checkpoint-000003"]  # keep 2
+    assert (demo_run / "reward_curves.png").stat().st_size > 0
+
+
+def test_end_of_run_table_is_what_eval_py_reports(demo_run, tmp_path):
+    # the run compared the untrained, warm-start and final models on the demo's held-out test split;
+    # eval.py on the same three directories, with the run's generation length, gives the same numbers
+    models = [str(demo_run / name) for name in ("tiny-init", "sft-init", "checkpoint-000004")]
+    in_run = json.loads((demo_run / "eval" / "summary.json").read_text())["results"]
+    assert list(in_run) == models
+    ours = eval_py.main(eval_py.EvalConfig(model=models, benchmarks="demo", output_dir=str(tmp_path),
+                                           max_new_tokens=12, max_prompt_tokens=512, device="cpu"))
+    assert ours == in_run
+    assert ours[models[0]]["demo"]["num_items"] == 100
+
+
+def test_lr_factor_warmup_then_decay():
+    # warm-up 0, 1/2 over two steps; then cosine 1 -> 0 over the remaining four: cos(pi * k / 4)
+    assert [train.lr_factor("cosine", 2, 6, s) for s in range(7)] == pytest.approx(
+        [0, 0.5, 1.0, 0.5 * (1 + 2 ** -0.5), 0.5, 0.5 * (1 - 2 ** -0.5), 0.0])
+    assert [train.lr_factor("linear", 0, 4, s) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert [train.lr_factor("constant", 1, 4, s) for s in range(3)] == [0.0, 1.0, 1.0]
+
+
+def test_sft_control_runs_for_the_grpo_time(demo_run, capsys):
+    import sft_control
+    sft_control.main([str(demo_run)])
+    printed = capsys.readouterr().out
+    assert "4 GRPO steps took" in printed and "more supervised steps took" in printed
+    summary = json.loads((demo_run / "sft-control-eval" / "summary.json").read_text())["results"]
+    assert list(summary)[-1] == str(demo_run / "sft-control") and len(summary) == 4
 
 
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(demo_run, tmp_path):
@@ -153,7 +189,7 @@ def test_non_finite_steps_are_skipped_then_abort(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         train.main(["--output_dir", str(tmp_path), "--max_steps", "8", "--max_bad_steps", "2"] + SHORT)
     assert "non-finite" in str(e.value)
-    assert [r["skipped"] for r in read_metrics(tmp_path)] == [1, 1]
+    assert [r["skipped"] for r in read_metrics(tmp_path)] == [2, 2]     # both optimizer steps of each rollout
     start = weights(tmp_path / "sft-init")
     saved = weights(tmp_path / "checkpoint-000002")
     assert all(torch.equal(start[k], saved[k]) for k in start)          # skipped steps changed nothing

@@ -1,0 +1,74 @@
+"""The control for the demo: is it GRPO that helps, or just more training?
+
+    python bench/sft_control.py runs/grpo        # after `python train.py` wrote runs/grpo
+
+Takes a finished train.py run with a supervised warm start, continues that warm start (sft-init/) with more
+supervised steps, on the same data with the same batch size and learning rate, for as much wall time as the
+run's GRPO steps took (the sum of their `time/step` in metrics.jsonl), on the same number of CPU threads.
+Then it scores the untrained model, the warm start, the GRPO model and this supervised control on the same
+held-out split with eval.py's code, and prints one row per model with its training time: the paper's
+Table 1 (raw -> SFT -> GRPO) in miniature, with the control beside it. Writes <run>/sft-control/ (the
+model) and <run>/sft-control-eval/ (predictions and summary).
+
+The control starts a fresh AdamW (sft-init holds weights only) and continues the warm start's data order
+where it stopped.
+"""
+import argparse
+import json
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import train  # noqa: E402
+from data.jsonl import read_jsonl  # noqa: E402
+from grpo import checkpoint as ckpt  # noqa: E402
+from grpo.io import atomic_path  # noqa: E402
+from grpo.logprobs import CompletionLogprobs  # noqa: E402
+from grpo.model import load_model, load_tokenizer  # noqa: E402
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument("run", help="output directory of a finished train.py run with --sft_steps > 0")
+    run = Path(parser.parse_args(argv).run)
+    config_path, metrics_path = run / "train_config.json", run / "metrics.jsonl"
+    if not config_path.is_file() or not metrics_path.is_file() or not (run / "sft-init").is_dir():
+        raise SystemExit(f"{run}: not a finished train.py run with a warm start (needs train_config.json, "
+                         "metrics.jsonl and sft-init/)")
+    saved = json.loads(config_path.read_text())
+    cfg = train.Config(**{f.name: saved[f.name] for f in fields(train.Config) if f.name in saved})
+    if cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
+    rows = read_jsonl(metrics_path)
+    grpo_seconds = sum(r["time/step"] for r in rows)
+
+    # ---- continue the warm start for the GRPO steps' wall time
+    model = load_model(str(run / "sft-init"))
+    model.train()
+    tokenizer = load_tokenizer(str(run / "sft-init"))
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    steps = train.sft_warm_start(cfg, CompletionLogprobs(model, cfg.logprob_chunk_size), tokenizer, nullcontext,
+                                 start=cfg.sft_steps, seconds=grpo_seconds)
+    control_seconds = time.perf_counter() - t0
+    with atomic_path(run / "sft-control") as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    print(f"{len(rows)} GRPO steps took {grpo_seconds:.1f} s; {steps} more supervised steps took {control_seconds:.1f} s")
+
+    # ---- the four models on the held-out split, scored as train.py's end-of-run table
+    initial = run / "tiny-init" if cfg.model == "tiny" else Path(cfg.model)
+    models = {f"untrained ({initial.name})": str(initial),
+              f"warm start: {cfg.sft_steps} SFT steps": str(run / "sft-init"),
+              f"+ {len(rows)} GRPO steps, {grpo_seconds:.0f} s": str(ckpt.list_checkpoints(run)[0]),
+              f"+ {steps} SFT steps, {control_seconds:.0f} s": str(run / "sft-control")}
+    train.evaluate_heldout(cfg, models, run / "sft-control-eval", "cpu")
+
+if __name__ == "__main__":
+    main()
