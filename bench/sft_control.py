@@ -4,7 +4,8 @@
 
 Takes a finished train.py run with a supervised warm start, continues that warm start (sft-init/) with more
 supervised steps, on the same data with the same batch size and learning rate, for as much wall time as the
-run's GRPO steps took (the sum of their `time/step` in metrics.jsonl), on the same number of CPU threads.
+run's GRPO steps took (the sum of their `time/step` in metrics.jsonl), on a CPU with the run's number of
+threads (a tool for the CPU demo: a GPU run's control would need its device and precision too).
 Then it scores the untrained model, the warm start, the GRPO model and this supervised control on the same
 held-out split with eval.py's code, and prints one row per model with its training time: the paper's
 Table 1 (raw -> SFT -> GRPO) in miniature, with the control beside it. Writes <run>/sft-control/ (the
@@ -69,6 +70,7 @@ def main(argv=None):
               f"+ {len(rows)} GRPO steps, {grpo_seconds:.0f} s": str(ckpt.list_checkpoints(run)[0]),
               f"+ {steps} SFT steps, {control_seconds:.0f} s": str(run / "sft-control")}
     train.evaluate_heldout(cfg, models, run / "sft-control-eval", "cpu")
+
 
 if __name__ == "__main__":
     main()
