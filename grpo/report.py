@@ -92,3 +92,22 @@ def plot_rewards(out: Path, heldout: dict[str, float] | None = None) -> Path | N
         fig.savefig(tmp, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def heldout_exact_match(out: Path) -> dict[str, float] | None:
+    """{model directory name: exact match} from the run's end-of-run evaluation (out/eval/summary.json), if any."""
+    path = out / "eval" / "summary.json"
+    if not path.is_file():
+        return None
+    results = json.loads(path.read_text())["results"]
+    return {Path(model).name: next(iter(r.values()))["exact_match"] for model, r in results.items()}
+
+
+if __name__ == "__main__":
+    # python -m grpo.report runs/grpo: redraw the plot of any run, finished or still going
+    import sys
+    if len(sys.argv) != 2 or not (Path(sys.argv[1]) / "metrics.jsonl").is_file():
+        raise SystemExit("usage: python -m grpo.report RUN_DIR (a directory with metrics.jsonl)")
+    run = Path(sys.argv[1])
+    print(plot_rewards(run, heldout_exact_match(run)))
+    print(trend(run))
