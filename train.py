@@ -17,6 +17,8 @@ Dropped: PPO's value model, vLLM, multi-turn tool execution (ToolRL is single-st
 """
 import json
 import math
+import shlex
+import sys
 import time
 from dataclasses import dataclass, replace
 from functools import partial
@@ -29,7 +31,7 @@ from data import build_prompts, load_examples
 from grpo import checkpoint as ckpt
 from grpo import dist
 from grpo.cli import config_json, field, parse_config
-from grpo.io import atomic_path, atomic_write_text
+from grpo.io import atomic_path, atomic_write_text, remove
 from grpo.logprobs import CompletionLogprobs
 from grpo.loss import group_advantages, grpo_token_loss, masked_sum, zero_std_fraction
 from grpo.model import load_model, load_tokenizer, resolve_model_name, set_checkpointing
@@ -48,7 +50,10 @@ class Config:
                                          "default: train for toolrl and demo, the whole file otherwise")
     output_dir: str = field("runs/grpo", "where metrics, samples and checkpoints go")
     seed: int = field(42, "seed for the prompt order and sampling")
-    resume: str | None = field(None, "output dir or checkpoint to continue from (newest usable checkpoint)")
+    resume: str | None = field(None, "output dir or checkpoint to continue from (newest usable checkpoint); "
+                                     "--resume = --output_dir on a dir with no checkpoint yet starts fresh")
+    overwrite_output_dir: bool = field(False, "delete the run already in --output_dir (checkpoints, metrics, "
+                                              "samples, plot, sft-init, eval) before starting a fresh one")
     trust_remote_code: bool = field(False, "allow model code from the hub (off: only transformers' own code runs)")
     cpu_threads: int = field(0, "torch's CPU threads (0: its default, one per core)")
     # rollout
@@ -163,6 +168,75 @@ def configure(argv=None) -> Config:
             raise SystemExit(f"--max_prompt_length {cfg.max_prompt_length} + --max_new_tokens {cfg.max_new_tokens} "
                              f"exceeds the model's {context} positions: no room for completion tokens")
     return cfg
+
+
+def fail(message: str):
+    """Stop with one line on stderr and exit code 2 (argparse's convention for a bad command line)."""
+    print(f"train.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+# What a run writes into --output_dir (tiny-init/ is the same for every run and stays)
+RUN_FILES = ("train_config.json", "metrics.jsonl", "samples.jsonl", "reward_curves.png", "sft-init", "eval")
+
+
+def holds_run(out: Path) -> bool:
+    return out.is_dir() and ((out / "train_config.json").exists() or (out / "metrics.jsonl").exists()
+                             or any(p.name.startswith(ckpt.PREFIX) for p in out.iterdir()))
+
+
+def resume_point(cfg: Config) -> tuple[Path, dict] | None:
+    """Decide, before anything is written, where this run starts; fail (changing nothing) when it cannot.
+
+    A fresh run never writes into a directory that holds a run, unless --overwrite_output_dir. --resume
+    continues from the newest usable checkpoint; with none at all there (a scheduler's restart loop: the same
+    command with --resume from the first second of the job) it starts fresh; with checkpoints of which none is
+    usable, or a --resume path that does not exist (other than the output dir itself), it stops."""
+    out = Path(cfg.output_dir)
+    if cfg.resume and cfg.overwrite_output_dir:
+        fail("--resume and --overwrite_output_dir: choose one (continue the run, or delete it and start over)")
+    resumed = None
+    if cfg.resume:
+        path = Path(cfg.resume)
+        if not path.exists() and path.resolve() != out.resolve():
+            fail(f"--resume {cfg.resume}: no such file or directory")
+        candidates = [path] if path.name.startswith(ckpt.PREFIX) else ckpt.list_checkpoints(path)
+        if candidates:
+            resumed = ckpt.find_resumable(path, trust_remote_code=cfg.trust_remote_code)   # prints each reason
+            if resumed is None:
+                fail(f"--resume {cfg.resume}: none of its {len(candidates)} checkpoint(s) is usable (each is named "
+                     f"above with its reason); nothing was changed")
+    resume_path = Path(cfg.resume).resolve() if cfg.resume else None
+    own_run = resume_path is not None and out.resolve() in (resume_path, resume_path.parent)   # this dir's run
+    if resumed is None and not own_run and not cfg.overwrite_output_dir and holds_run(out):
+        fail(f"{out} holds a run; continue it with --resume {out}, or delete it and start over with "
+             f"--overwrite_output_dir")
+    return resumed
+
+
+def delete_run(out: Path) -> None:
+    """--overwrite_output_dir: the earlier run's files, checkpoints included (also ones killed mid-write)."""
+    for path in list(out.iterdir()) if out.is_dir() else []:
+        if path.name in RUN_FILES or path.name.startswith((ckpt.PREFIX, f".tmp-{ckpt.PREFIX}")):
+            remove(path)
+
+
+def continue_command(argv: list[str], out: str) -> str:
+    """The command line that continues this run: the same arguments, --resume OUT instead of any --resume or
+    --overwrite_output_dir given."""
+    kept, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--resume":
+            i += 2
+            continue
+        if arg == "--overwrite_output_dir":
+            i += 2 if i + 1 < len(argv) and argv[i + 1].lower() in ("true", "false", "1", "0", "yes", "no") else 1
+            continue
+        if not arg.startswith(("--resume=", "--overwrite_output_dir=")):
+            kept.append(arg)
+        i += 1
+    return shlex.join(["python", "train.py", *kept, "--resume", out])
 
 
 def _model_context_length(model: str) -> int | None:
@@ -305,9 +379,29 @@ def evaluate_heldout(cfg: Config, models: dict[str, str], output_dir: Path, devi
 
 
 def main(argv=None):
+    """Train; Ctrl-C ends with one line: the step reached, the newest checkpoint, and the command that continues.
+    No checkpoint is saved then: the state in the middle of a step is not a consistent one."""
+    argv = sys.argv[1:] if argv is None else argv
     cfg = configure(argv)
+    resumed = resume_point(cfg)     # before anything is written: every rank decides on the same files
+    progress = {"step": resumed[1]["step"] if resumed else 0}
+    try:
+        train(cfg, resumed, progress)
+    except KeyboardInterrupt:
+        newest = ckpt.list_checkpoints(Path(cfg.output_dir))
+        print(f"\ninterrupted at step {progress['step']}/{cfg.max_steps}; newest checkpoint: "
+              f"{newest[0] if newest else 'no checkpoint yet'}; continue with: "
+              f"{continue_command(argv, cfg.output_dir)}", file=sys.stderr)
+        raise SystemExit(130)      # 128 + SIGINT, as a shell reports it
+
+
+def train(cfg: Config, resumed: tuple[Path, dict] | None, progress: dict):
+    """The run: warm start, then the GRPO loop; `progress["step"]` counts the steps done."""
     dist.setup()                    # distributed: join torchrun's process group; other ranks than 0 print nothing
     out = Path(cfg.output_dir)
+    if cfg.overwrite_output_dir and dist.rank() == 0:
+        delete_run(out)
+    dist.barrier()
     out.mkdir(parents=True, exist_ok=True)
     print(config_json(cfg))
     if dist.rank() == 0:            # distributed: rank 0 alone writes files (here and below)
@@ -330,9 +424,8 @@ def main(argv=None):
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     examples = load_examples(cfg.data, split=cfg.data_split)
     prompts, n_truncated = build_prompts(tokenizer, examples, cfg.max_prompt_length)
-    resumed = ckpt.find_resumable(Path(cfg.resume), trust_remote_code=cfg.trust_remote_code) if cfg.resume else None
     if cfg.resume and resumed is None:
-        print(f"--resume {cfg.resume}: no usable checkpoint there; starting from step 0")
+        print(f"--resume {cfg.resume}: no checkpoint there yet; starting from step 0")
     model = load_model(str(resumed[0]) if resumed else model_path, device=device,
                        trust_remote_code=cfg.trust_remote_code)
     if cfg.gradient_checkpointing:
@@ -377,6 +470,7 @@ def main(argv=None):
 
     # ---- the loop: sample -> score -> advantages -> update -> log -> save
     for step in range(start_step, cfg.max_steps):
+        progress["step"] = step
         t0 = time.perf_counter()
         torch.manual_seed(cfg.seed * 1_000_000 + step * 1_000 + dist.rank())  # sampling: (seed, step, rank)
         epoch, position = divmod(step, steps_per_epoch)     # the prompt order is a function of (seed, epoch)
@@ -437,6 +531,7 @@ def main(argv=None):
                              f"Weights from before them are in {path}; try a lower --learning_rate.")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
             ckpt.save_checkpoint(out, step + 1, model, tokenizer, optimizer, config_json(cfg), cfg.keep_checkpoints)
+    progress["step"] = cfg.max_steps
     if dist.rank() == 0:
         final = ckpt.list_checkpoints(out)[0]
         models = {f"untrained ({Path(model_path).name})": model_path}

@@ -30,7 +30,8 @@ PREFIX = "checkpoint-"
 
 def save_checkpoint(output_dir: Path, step: int, model, tokenizer, optimizer, config_json: str,
                     keep: int) -> Path:
-    """Write checkpoint-{step} atomically and keep only the newest `keep` checkpoints.
+    """Write checkpoint-{step} atomically, then remove older checkpoints beyond the newest `keep` (this one
+    included).
 
     distributed: every rank calls this (gathering FSDP shards is a collective); rank 0 alone writes.
     """
@@ -43,10 +44,18 @@ def save_checkpoint(output_dir: Path, step: int, model, tokenizer, optimizer, co
             tokenizer.save_pretrained(tmp)
             (tmp / "train_config.json").write_text(config_json)
             torch.save({"step": step, "optimizer": optimizer_state}, tmp / "trainer_state.pt")
-        for old in list_checkpoints(output_dir)[keep:]:
+        # only this run's older checkpoints: never the one just written, never a later step's
+        older = [c for c in list_checkpoints(output_dir) if checkpoint_step(c) is not None and checkpoint_step(c) < step]
+        for old in older[max(keep - 1, 0):]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()                                          # distributed: the others wait until it is on disk
     return final
+
+
+def checkpoint_step(checkpoint: Path) -> int | None:
+    """N of checkpoint-N; None for a name that carries no step."""
+    suffix = checkpoint.name[len(PREFIX):]
+    return int(suffix) if suffix.isdigit() else None
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:

@@ -12,7 +12,7 @@ import train
 from grpo import checkpoint as ckpt
 from grpo.model import load_model, load_tokenizer
 from grpo.rollout import generate_rollout
-from tests.test_train import SHORT
+from tests.test_train import SHORT, snapshot
 
 
 def test_generation_oom_halves_the_sub_batch_and_retries(tiny_model_dir, capsys):
@@ -136,3 +136,47 @@ def test_loading_a_model_with_missing_or_extra_weights_raises(tiny_model_dir, tm
     rewrite_weights(tmp_path / "model", change)
     with pytest.raises(ValueError, match=f"the weights do not fit the model: {kind}"):
         load_model(str(tmp_path / "model"))
+
+
+# ---------------------------------------------------------------- resuming and pruning never lose a run
+
+def test_pruning_removes_only_older_checkpoints(good_checkpoint, tiny_model_dir, tmp_path):
+    """Saving step 12 with keep=2 keeps 12 and 8, removes 5; 50 and 60 (later steps) are not its to remove."""
+    for step in (5, 8, 50, 60):
+        (tmp_path / f"checkpoint-{step:06d}").mkdir()
+    model = load_model(str(tiny_model_dir))
+    ckpt.save_checkpoint(tmp_path, 12, model, load_tokenizer(str(tiny_model_dir)),
+                         torch.optim.AdamW(model.parameters()), "{}", keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [
+        "checkpoint-000060", "checkpoint-000050", "checkpoint-000012", "checkpoint-000008"]
+
+
+def test_resume_with_no_usable_checkpoint_stops_and_changes_nothing(good_checkpoint, tmp_path, capsys):
+    for step, damage in ((4, "no tensors"), (6, "no trainer state")):
+        shutil.copytree(good_checkpoint, tmp_path / f"checkpoint-{step:06d}")
+        DAMAGE[damage][0](tmp_path / f"checkpoint-{step:06d}")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    before = snapshot(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--output_dir", str(tmp_path), "--resume", str(tmp_path)] + SHORT)
+    assert e.value.code == 2
+    captured = capsys.readouterr()
+    for step, damage in ((4, "no tensors"), (6, "no trainer state")):
+        assert f"skipping unusable checkpoint {tmp_path / f'checkpoint-{step:06d}'}: " in captured.out
+        assert DAMAGE[damage][1] in captured.out
+    assert "none of its 2 checkpoint(s) is usable" in captured.err
+    assert snapshot(tmp_path) == before
+
+
+def test_resume_paths_a_mistyped_one_stops_the_restart_loop_starts_then_resumes(tmp_path, capsys):
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        train.main(["--output_dir", str(run), "--resume", str(tmp_path / "rnu")] + SHORT)
+    assert e.value.code == 2 and "--resume" in capsys.readouterr().err and not run.exists()
+    # a scheduler's restart loop: the same command every time, --resume from the first second of the job
+    loop = ["--output_dir", str(run), "--resume", str(run), "--max_steps", "1", "--eval_data", "none"] + SHORT
+    train.main(loop)
+    assert "no checkpoint there yet; starting from step 0" in capsys.readouterr().out
+    train.main(loop)
+    assert f"resumed from {run / 'checkpoint-000001'} at step 1" in capsys.readouterr().out
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]

@@ -1,6 +1,7 @@
 """train.py end to end on the tiny model: learning, the demo command, resume after a kill, bad input."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -193,3 +194,59 @@ def test_non_finite_steps_are_skipped_then_abort(tmp_path, monkeypatch):
     start = weights(tmp_path / "sft-init")
     saved = weights(tmp_path / "checkpoint-000002")
     assert all(torch.equal(start[k], saved[k]) for k in start)          # skipped steps changed nothing
+
+
+# ---------------------------------------------------------------- never lose a run (issue 12)
+
+def snapshot(directory: Path) -> dict:
+    """Every file under `directory`: its bytes and mtime; and every directory's name."""
+    return {str(p.relative_to(directory)): (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else None
+            for p in sorted(directory.rglob("*"))}
+
+
+def test_a_fresh_run_into_a_finished_run_changes_nothing(demo_run, capsys):
+    before = snapshot(demo_run)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--output_dir", str(demo_run), "--max_steps", "2"] + SHORT)
+    assert e.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("train.py: error: ") and f"--resume {demo_run}" in line and "--overwrite_output_dir" in line
+    assert snapshot(demo_run) == before
+
+
+def test_overwrite_output_dir_deletes_the_old_run_and_pruning_keeps_the_new_checkpoint(demo_run, tmp_path):
+    """A 4-step run lives in the directory (checkpoints 3 and 4); a 2-step run with --overwrite_output_dir
+    replaces it. Pruning by step number alone would have kept 4 and 3 and deleted the new run's 2 and 1."""
+    out = tmp_path / "run"
+    shutil.copytree(demo_run, out)
+    train.main(["--output_dir", str(out), "--max_steps", "2", "--overwrite_output_dir", "--eval_data", "none"] + SHORT)
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-000002", "checkpoint-000001"]
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+    assert json.loads((out / "train_config.json").read_text())["max_steps"] == 2
+    assert not (out / "eval").exists()                                  # the old run's evaluation went with it
+
+
+def test_ctrl_c_ends_with_one_line_that_says_how_to_continue(tmp_path):
+    cmd = [sys.executable, str(REPO / "train.py"), "--output_dir", str(tmp_path), "--max_steps", "50",
+           "--cpu_threads", "1", "--eval_data", "none"] + SHORT
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "checkpoint-000001").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    [line] = [line for line in err.splitlines() if "--resume" in line]
+    assert line.startswith("interrupted at step ") and "/50; newest checkpoint: " + str(tmp_path / "checkpoint-") in line
+    assert line.endswith(f"--eval_data none {' '.join(SHORT)} --resume {tmp_path}")
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_report_redraws_any_run(demo_run):
+    result = subprocess.run([sys.executable, "-m", "grpo.report", str(demo_run)], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == str(demo_run / "reward_curves.png")
+    from grpo.report import heldout_exact_match
+    assert list(heldout_exact_match(demo_run)) == ["tiny-init", "sft-init", "checkpoint-000004"]
