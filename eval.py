@@ -278,8 +278,12 @@ def evaluate_model(name: str, benchmarks: dict[str, list], config: EvalConfig) -
     return results, rescored
 
 
+def benchmark_names(config: EvalConfig) -> list[str]:
+    return [b.strip() for b in config.benchmarks.split(",") if b.strip()]
+
+
 def main(config: EvalConfig) -> dict:
-    names = [b.strip() for b in config.benchmarks.split(",") if b.strip()]
+    names = benchmark_names(config)
     unknown = [b for b in names if b not in BENCHMARKS]
     if unknown:
         raise SystemExit(f"--benchmarks: unknown {unknown}; choose from {list(BENCHMARKS)}")
@@ -299,7 +303,7 @@ def main(config: EvalConfig) -> dict:
 def evaluate(config: EvalConfig) -> dict:
     """Every model on every benchmark of `config` -> {model: {benchmark: metrics}}; writes the predictions,
     summary.json and summary.md under config.output_dir. train.py's end-of-run table comes from here too."""
-    names = [b.strip() for b in config.benchmarks.split(",") if b.strip()]
+    names = benchmark_names(config)
     if config.device == "auto":
         config = dataclasses.replace(config, device="cuda" if torch.cuda.is_available() else "cpu")
     benchmarks = {name: BENCHMARKS[name].load(config) for name in names}  # loaded once, for every model

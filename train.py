@@ -30,7 +30,7 @@ from tqdm import tqdm
 from data import build_prompts, load_examples
 from grpo import checkpoint as ckpt
 from grpo import dist
-from grpo.cli import config_json, field, parse_config
+from grpo.cli import FALSE_WORDS, TRUE_WORDS, config_json, field, parse_config
 from grpo.io import atomic_path, atomic_write_text, remove
 from grpo.logprobs import CompletionLogprobs
 from grpo.loss import group_advantages, grpo_token_loss, masked_sum, zero_std_fraction
@@ -181,8 +181,8 @@ RUN_FILES = ("train_config.json", "metrics.jsonl", "samples.jsonl", "reward_curv
 
 
 def holds_run(out: Path) -> bool:
-    return out.is_dir() and ((out / "train_config.json").exists() or (out / "metrics.jsonl").exists()
-                             or any(p.name.startswith(ckpt.PREFIX) for p in out.iterdir()))
+    return ((out / "train_config.json").exists() or (out / "metrics.jsonl").exists()
+            or bool(ckpt.list_checkpoints(out)))
 
 
 def resume_point(cfg: Config) -> tuple[Path, dict] | None:
@@ -200,11 +200,10 @@ def resume_point(cfg: Config) -> tuple[Path, dict] | None:
         path = Path(cfg.resume)
         if not path.exists() and path.resolve() != out.resolve():
             fail(f"--resume {cfg.resume}: no such file or directory")
-        candidates = [path] if path.name.startswith(ckpt.PREFIX) else ckpt.list_checkpoints(path)
-        if candidates:
+        if tried := ckpt.candidates(path):
             resumed = ckpt.find_resumable(path, trust_remote_code=cfg.trust_remote_code)   # prints each reason
             if resumed is None:
-                fail(f"--resume {cfg.resume}: none of its {len(candidates)} checkpoint(s) is usable (each is named "
+                fail(f"--resume {cfg.resume}: none of its {len(tried)} checkpoint(s) is usable (each is named "
                      f"above with its reason); nothing was changed")
     resume_path = Path(cfg.resume).resolve() if cfg.resume else None
     own_run = resume_path is not None and out.resolve() in (resume_path, resume_path.parent)   # this dir's run
@@ -231,7 +230,7 @@ def continue_command(argv: list[str], out: str) -> str:
             i += 2
             continue
         if arg == "--overwrite_output_dir":
-            i += 2 if i + 1 < len(argv) and argv[i + 1].lower() in ("true", "false", "1", "0", "yes", "no") else 1
+            i += 2 if i + 1 < len(argv) and argv[i + 1].lower() in (*TRUE_WORDS, *FALSE_WORDS) else 1
             continue
         if not arg.startswith(("--resume=", "--overwrite_output_dir=")):
             kept.append(arg)

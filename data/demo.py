@@ -3,18 +3,20 @@
 Each row looks like a row of ToolRL's RL data (Qian et al. 2025, `dataset/rlla_4k`): a system
 prompt that lists the available tools as `N. Name / Description / Parameters`, then the steps,
 the output format and notes; a user turn `**Dialogue Records History**\\n<user> ... </user>`; and
-a ground truth in ToolRL's output format with a short placeholder thought:
+a ground truth in ToolRL's output format with a short thought that names each call and its arguments:
 
-    <think> I should call get_weather. </think>
+    <think> I should call get_weather with "Lima". </think>
     <tool_call>
     {"name": "get_weather", "parameters": {"city": "Lima"}}
     </tool_call>
 
 The wording is this project's own, and much shorter than ToolRL's, because the demo set is also
 what a tiny randomly initialised model (`grpo/tiny.py`) learns from on a CPU in minutes:
-2-4 tools per prompt with one-line descriptions, short requests, parameter values copied
-verbatim from the request, and a placeholder thought that only names the tools. About 70% of
-rows need one call, 20% two calls (two different tools), 10% no tool (a `<response>` only).
+2-3 tools per prompt with one-line descriptions, short requests, argument values that are one
+token each and appear verbatim in the request (strings in quotes, as in the JSON), and a thought
+that restates them (with ToolRL's bare "I should call get_weather." the tiny model never learned
+to copy values; README, "The demo run"). About 70% of rows need one call, 20% two calls (two
+different tools), 10% no tool (a `<response>` only).
 
 Generation is deterministic: one `random.Random(seed)` drives it (the global RNG is untouched),
 and rows are de-duplicated on their prompt, so the three splits never share a prompt. The test
@@ -43,8 +45,7 @@ MAX_LISTED_PARAMS = 5
 @dataclass(frozen=True)
 class Param:
     name: str
-    type: str          # JSON-schema type: "string", "integer" or "number"
-    description: str
+    type: str          # JSON-schema type: "string" or "integer"
     slot: str          # which pool in SLOT_VALUES the value comes from
 
 
@@ -97,119 +98,120 @@ SLOT_VALUES = {
 
 TOOLS = (
     Tool("get_weather", "Current weather in a city.",
-         (Param("city", "string", "City name.", "city"),),
+         (Param("city", "string", "city"),),
          ("What is the weather in {city}?", "Is it raining in {city} right now?")),
     Tool("get_forecast", "Weather forecast for a city.",
-         (Param("city", "string", "City name.", "city"),
-          Param("days", "integer", "Number of days.", "digit")),
+         (Param("city", "string", "city"),
+          Param("days", "integer", "digit")),
          ("Give me a {days} day forecast for {city}.", "Forecast for {city}, next {days} days?")),
     Tool("convert_currency", "Convert money between currencies.",
-         (Param("amount", "integer", "Amount to convert.", "digit"),
-          Param("from_currency", "string", "Source currency code.", "currency"),
-          Param("to_currency", "string", "Target currency code.", "currency")),
+         (Param("amount", "integer", "digit"),
+          Param("from_currency", "string", "currency"),
+          Param("to_currency", "string", "currency")),
          ("Convert {amount} {from_currency} to {to_currency}.",
           "How much is {amount} {from_currency} in {to_currency}?")),
     Tool("get_stock_price", "Latest price of a stock.",
-         (Param("symbol", "string", "Ticker symbol.", "stock"),),
+         (Param("symbol", "string", "stock"),),
          ("What is {symbol} trading at?", "Show the stock price of {symbol}.")),
     Tool("translate_text", "Translate text into a language.",
-         (Param("text", "string", "Text to translate.", "greeting"),
-          Param("language", "string", "Target language.", "language")),
+         (Param("text", "string", "greeting"),
+          Param("language", "string", "language")),
          ("Translate {text} into {language}.", "How do you say {text} in {language}?")),
     Tool("send_email", "Send an email.",
-         (Param("to", "string", "Recipient name.", "person"),
-          Param("subject", "string", "Subject line.", "event")),
+         (Param("to", "string", "person"),
+          Param("subject", "string", "event")),
          ("Email {to} with the subject {subject}.", "Send an email to {to} about {subject}.")),
     Tool("create_event", "Add an event to the calendar.",
-         (Param("title", "string", "Event title.", "event"),
-          Param("day", "string", "Day of the week.", "day"),
-          Param("hour", "integer", "Start hour.", "digit")),
+         (Param("title", "string", "event"),
+          Param("day", "string", "day"),
+          Param("hour", "integer", "digit")),
          ("Put {title} on my calendar on {day} at {hour}.",
           "Schedule {title} for {day} at {hour}.")),
     Tool("set_timer", "Start a countdown timer.",
-         (Param("minutes", "integer", "Length in minutes.", "digit"),),
+         (Param("minutes", "integer", "digit"),),
          ("Set a timer for {minutes} minutes.", "Start a {minutes} minute timer.")),
     Tool("set_alarm", "Set an alarm clock.",
-         (Param("hour", "integer", "Alarm hour.", "digit"),),
+         (Param("hour", "integer", "digit"),),
          ("Wake me up at {hour}.", "Set an alarm for {hour} o'clock.")),
     Tool("find_restaurants", "Find restaurants by food and city.",
-         (Param("food", "string", "Kind of food.", "food"),
-          Param("city", "string", "City name.", "city")),
+         (Param("food", "string", "food"),
+          Param("city", "string", "city")),
          ("Find {food} places in {city}.", "Where can I eat {food} in {city}?")),
     Tool("get_recipe", "Look up a recipe.",
-         (Param("dish", "string", "Dish name.", "food"),
-          Param("servings", "integer", "Number of servings.", "digit")),
+         (Param("dish", "string", "food"),
+          Param("servings", "integer", "digit")),
          ("Give me a {dish} recipe for {servings} people.",
           "How do I make {dish} for {servings}?")),
     Tool("get_news", "Latest news on a topic.",
-         (Param("topic", "string", "News topic.", "topic"),),
+         (Param("topic", "string", "topic"),),
          ("Any news about {topic}?", "Show me the latest {topic} headlines.")),
     Tool("search_products", "Search the shop for a product.",
-         (Param("query", "string", "What to search for.", "product"),
-          Param("max_price", "integer", "Highest price in hundreds.", "digit")),
-         ("Find {query} under {max_price} hundred dollars.", "Search for {query} costing at most {max_price} hundred.")),
+         (Param("query", "string", "product"),
+          Param("max_price", "integer", "digit")),
+         ("Find {query} under {max_price} hundred dollars.",
+          "Search for {query} costing at most {max_price} hundred.")),
     Tool("track_package", "Track a parcel.",
-         (Param("carrier", "string", "Delivery company.", "carrier"),),
+         (Param("carrier", "string", "carrier"),),
          ("Where is my {carrier} package?", "Track my parcel from {carrier}.")),
     Tool("get_order_status", "Status of a shop order.",
-         (Param("product", "string", "Product ordered.", "product"),),
+         (Param("product", "string", "product"),),
          ("What is the status of my {product} order?", "Has my order of {product} shipped?")),
     Tool("flight_status", "Status of a flight.",
-         (Param("airline", "string", "Airline name.", "airline"),),
+         (Param("airline", "string", "airline"),),
          ("Is my {airline} flight on time?", "Check the status of my {airline} flight.")),
     Tool("book_hotel", "Book a hotel room.",
-         (Param("city", "string", "City name.", "city"),
-          Param("check_in", "string", "Check-in day of the week.", "day"),
-          Param("nights", "integer", "Number of nights.", "digit")),
+         (Param("city", "string", "city"),
+          Param("check_in", "string", "day"),
+          Param("nights", "integer", "digit")),
          ("Book a hotel in {city} from {check_in} for {nights} nights.",
           "I need a room in {city} on {check_in}, {nights} nights.")),
     Tool("get_time", "Current local time in a city.",
-         (Param("city", "string", "City name.", "city"),),
+         (Param("city", "string", "city"),),
          ("What time is it in {city}?", "Tell me the local time in {city}.")),
     Tool("define_word", "Dictionary definition of a word.",
-         (Param("word", "string", "The word.", "word"),),
+         (Param("word", "string", "word"),),
          ("What does {word} mean?", "Define the word {word}.")),
     Tool("add_to_list", "Add an item to the shopping list.",
-         (Param("item", "string", "Item name.", "item"),
-          Param("quantity", "integer", "How many.", "digit")),
+         (Param("item", "string", "item"),
+          Param("quantity", "integer", "digit")),
          ("Add {quantity} {item} to my shopping list.", "Put {item} on the list, {quantity} of them.")),
     Tool("play_song", "Play a song.",
-         (Param("title", "string", "Song title.", "song"),),
+         (Param("title", "string", "song"),),
          ("Play {title}.", "Put on the song {title}.")),
     Tool("get_contact", "Look up a contact.",
-         (Param("name", "string", "Contact name.", "person"),),
+         (Param("name", "string", "person"),),
          ("What is {name}'s phone number?", "Find the contact card for {name}.")),
     Tool("send_message", "Send a text message.",
-         (Param("name", "string", "Contact name.", "person"),
-          Param("text", "string", "Message text.", "greeting")),
+         (Param("name", "string", "person"),
+          Param("text", "string", "greeting")),
          ("Text {name}: {text}.", "Send {name} the message {text}.")),
     Tool("calculate_tip", "Tip for a bill.",
-         (Param("bill", "integer", "Bill amount in tens.", "digit"),
-          Param("percent", "integer", "Tip percent.", "digit")),
+         (Param("bill", "integer", "digit"),
+          Param("percent", "integer", "digit")),
          ("What is a {percent} percent tip on {bill} tens?", "Tip {percent} percent on a bill of {bill} tens.")),
     Tool("convert_units", "Convert a quantity between units.",
-         (Param("value", "integer", "Quantity.", "digit"),
-          Param("from_unit", "string", "Source unit.", "unit_from"),
-          Param("to_unit", "string", "Target unit.", "unit_to")),
+         (Param("value", "integer", "digit"),
+          Param("from_unit", "string", "unit_from"),
+          Param("to_unit", "string", "unit_to")),
          ("Convert {value} {from_unit} to {to_unit}.", "How many {to_unit} is {value} {from_unit}?")),
     Tool("top_movies", "Best movies of a genre.",
-         (Param("genre", "string", "Movie genre.", "genre"),),
+         (Param("genre", "string", "genre"),),
          ("What are the best {genre} movies?", "List top {genre} films.")),
     Tool("get_holidays", "Public holidays of a country.",
-         (Param("country", "string", "Country name.", "country"),),
+         (Param("country", "string", "country"),),
          ("Which public holidays does {country} have?", "List the holidays of {country}.")),
     Tool("route_time", "Travel time between two cities.",
-         (Param("origin", "string", "Start city.", "city"),
-          Param("destination", "string", "End city.", "city")),
+         (Param("origin", "string", "city"),
+          Param("destination", "string", "city")),
          ("How long from {origin} to {destination}?", "Travel time {origin} to {destination}?")),
     Tool("book_table", "Reserve a restaurant table.",
-         (Param("city", "string", "City name.", "city"),
-          Param("people", "integer", "Party size.", "digit"),
-          Param("hour", "integer", "Hour.", "digit")),
+         (Param("city", "string", "city"),
+          Param("people", "integer", "digit"),
+          Param("hour", "integer", "digit")),
          ("Book a table in {city} for {people} at {hour}.",
           "Reserve dinner for {people} in {city} at {hour}.")),
     Tool("get_birthday", "A contact's birthday.",
-         (Param("name", "string", "Contact name.", "person"),),
+         (Param("name", "string", "person"),),
          ("When is {name}'s birthday?", "Remind me of {name}'s birthday.")),
 )
 
@@ -263,7 +265,7 @@ def user_turn(request: str) -> str:
 
 def ground_truth(calls: list[dict], response: str | None = None) -> str:
     """ToolRL's output format: a thought, then a `<tool_call>` block (one JSON per line) or a
-    `<response>`. The thought only names the tools, so it is short and easy to learn."""
+    `<response>`. The thought names each call with its arguments' values, in the call's order."""
     if not calls:
         return f"<think> No tool fits, I should reply. </think>\n<response> {response} </response>"
     plan = " and ".join(call["name"] + " with " + ", ".join(json.dumps(v) for v in call["parameters"].values())

@@ -45,7 +45,7 @@ def save_checkpoint(output_dir: Path, step: int, model, tokenizer, optimizer, co
             (tmp / "train_config.json").write_text(config_json)
             torch.save({"step": step, "optimizer": optimizer_state}, tmp / "trainer_state.pt")
         # only this run's older checkpoints: never the one just written, never a later step's
-        older = [c for c in list_checkpoints(output_dir) if checkpoint_step(c) is not None and checkpoint_step(c) < step]
+        older = [c for c in list_checkpoints(output_dir) if (n := checkpoint_step(c)) is not None and n < step]
         for old in older[max(keep - 1, 0):]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()                                          # distributed: the others wait until it is on disk
@@ -124,11 +124,15 @@ def saved_tensors(checkpoint: Path) -> dict[str, tuple[list[int], str]]:
     return found
 
 
+def candidates(path: Path) -> list[Path]:
+    """The checkpoints a resume from `path` tries, newest first: `path` itself if it is one, else those in it."""
+    return [path] if path.name.startswith(PREFIX) else list_checkpoints(path)
+
+
 def find_resumable(path: Path, trust_remote_code: bool = False) -> tuple[Path, dict] | None:
     """(checkpoint, trainer_state) for the newest whole checkpoint at `path`, which may be an output
     directory or one checkpoint; None when there is none. Each unusable one is reported in one line."""
-    candidates = [path] if path.name.startswith(PREFIX) else list_checkpoints(path)
-    for checkpoint in candidates:
+    for checkpoint in candidates(path):
         try:
             return checkpoint, load_trainer_state(checkpoint, trust_remote_code)
         except Exception as e:  # any failure to read means: not usable, try the one before

@@ -14,10 +14,13 @@ def field(default, help: str, **metadata):
     return dataclasses.field(default=default, metadata={"help": help, **metadata})
 
 
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")   # a bool flag's values
+
+
 def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
+    if text.lower() in TRUE_WORDS:
         return True
-    if text.lower() in ("0", "false", "no", "off"):
+    if text.lower() in FALSE_WORDS:
         return False
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
