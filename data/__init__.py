@@ -4,7 +4,7 @@
     build_prompts(tokenizer, examples, max_prompt_tokens) -> (prompt_ids, num_truncated)   (data/prompts.py)
 """
 from data.formats import Example
-from data.loaders import load_examples
+from data.loaders import DownloadError, load_examples
 from data.prompts import build_prompts
 
-__all__ = ["Example", "build_prompts", "load_examples"]
+__all__ = ["DownloadError", "Example", "build_prompts", "load_examples"]

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rewards.bfcl import AST_CATEGORIES, RELEVANCE_CATEGORIES
+from data.jsonl import read_jsonl
 
 CATEGORIES = AST_CATEGORIES + RELEVANCE_CATEGORIES
 # File-name stems per category: BFCL v3 called the non-live simple set "simple", v4 "simple_python".
@@ -95,11 +96,6 @@ def category_file(folder: Path, category: str) -> Path:
         if versions:
             return versions[max(versions)]
     raise FileNotFoundError(f"no BFCL_v<N>_{category}.json in {folder}")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def format_tools(functions: list[dict]) -> str:

@@ -17,6 +17,11 @@ from pathlib import Path
 
 def read_jsonl(path) -> list:
     """One JSON value per line, in file order; blank lines are allowed and yield nothing."""
+    return [row for _, row in read_numbered_jsonl(path)]
+
+
+def read_numbered_jsonl(path) -> list[tuple[int, object]]:
+    """(1-based line number, JSON value) for each non-blank line."""
     path = Path(path)
     lines = path.read_bytes().split(b"\n")   # the last item is b"" when the file ends with "\n"
     rows = []
@@ -24,10 +29,11 @@ def read_jsonl(path) -> list:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line.decode("utf-8")))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            rows.append((number, json.loads(line.decode("utf-8"))))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: also a 5,000-digit integer
             if number == len(lines):           # no "\n" after it: cut off by a kill mid-write
                 print(f"{path}: ignoring line {number}, cut off before its end (a kill while writing?)")
                 continue
-            raise ValueError(f"{path}: line {number} is not valid JSON: {e}") from None
+            reason = "nested too deeply" if isinstance(e, RecursionError) else e
+            raise ValueError(f"{path}: line {number} is not valid JSON: {reason}") from None
     return rows

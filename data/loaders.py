@@ -34,7 +34,7 @@ from typing import NamedTuple
 import numpy as np
 
 from data.demo import demo_rows
-from data.jsonl import read_jsonl  # blank lines yield no row: "row N" counts rows, "line N" counts lines
+from data.jsonl import read_numbered_jsonl
 from data.formats import (BadRow, Example, chat, check_ground_truth, from_apibank, from_jsonl, from_toolrl,
                           from_verl)
 
@@ -49,8 +49,10 @@ def load_examples(source: str, split: str | None = None, skip_bad_rows: bool = F
     "apibank" (all three levels, `meta["level"]` 1-3) or "demo".
 
     Every row is checked (fields and types, and the ground truth's `<tool_call>` block parses).
-    A bad row raises ValueError naming the file, the row index and the problem; with
-    `skip_bad_rows=True` bad rows are dropped instead and listed on stdout.
+    A bad row raises ValueError naming the file, where the row is (the 1-based line of a .jsonl file, the
+    1-based row of a .json list or .parquet table) and the problem; with `skip_bad_rows=True` (train.py's and
+    eval.py's --skip_bad_rows) bad rows are dropped instead and listed on stdout. A file with no rows is an
+    error.
     """
     if source == "demo":
         if split is not None and split not in DEMO_SPLITS:
@@ -67,14 +69,16 @@ def load_examples(source: str, split: str | None = None, skip_bad_rows: bool = F
 
 
 def load_file(path: Path, split: str | None, skip_bad_rows: bool) -> list[Example]:
-    layout, rows = read_rows(path)
+    layout, rows, places = read_rows(path)
+    if not rows:
+        raise ValueError(f"{path} holds no rows")
     indexed = list(enumerate(rows))
     if split is not None:
         if layout != "toolrl":
             raise ValueError(f"{path} is a {layout} file, which holds one split already; pass split=None "
                              "(splits apply to ToolRL raw JSON files and to 'demo')")
         indexed = [indexed[i] for i in toolrl_split_indices(len(rows), split)]
-    return convert_rows(path, layout, indexed, skip_bad_rows)
+    return convert_rows(path, layout, indexed, places, skip_bad_rows)
 
 
 def toolrl_split_indices(num_rows: int, split: str) -> list[int]:
@@ -91,7 +95,9 @@ def toolrl_split_indices(num_rows: int, split: str) -> list[int]:
     return chosen.tolist()
 
 
-def convert_rows(path: Path, layout: str, indexed: list[tuple[int, object]], skip_bad_rows: bool) -> list[Example]:
+def convert_rows(path: Path, layout: str, indexed: list[tuple[int, object]], places: list[str],
+                 skip_bad_rows: bool) -> list[Example]:
+    """Examples of the (index, row) pairs; `places[index]` says where a row is in the file ("line 7")."""
     convert = converter(layout, path)
     examples, bad = [], []
     for index, row in indexed:
@@ -99,12 +105,12 @@ def convert_rows(path: Path, layout: str, indexed: list[tuple[int, object]], ski
             examples.append(convert(row, f"{path.stem}-{index}"))
         except BadRow as e:
             if not skip_bad_rows:
-                raise ValueError(f"{path}: row {index}: {e} (pass skip_bad_rows=True to drop bad rows)") from None
-            bad.append((index, str(e)))
+                raise ValueError(f"{path}: {places[index]}: {e} (--skip_bad_rows drops bad rows)") from None
+            bad.append((places[index], str(e)))
     if bad:
         print(f"skipped {len(bad)} bad row(s) of {len(indexed)} in {path}:")
-        for index, reason in bad:
-            print(f"  row {index}: {reason}")
+        for place, reason in bad:
+            print(f"  {place}: {reason}")
     return examples
 
 
@@ -138,16 +144,19 @@ def existing_file(source: str) -> Path:
     return path
 
 
-def read_rows(path: Path) -> tuple[str, list]:
-    """(layout, rows): layout is "toolrl", "apibank", "jsonl" or "verl-parquet"."""
+def read_rows(path: Path) -> tuple[str, list, list[str]]:
+    """(layout, rows, places): layout is "toolrl", "apibank", "jsonl" or "verl-parquet"; places[i] says where
+    row i is, counted from 1 as an editor does: "line N" of a .jsonl file, "row N" of a .json list or table."""
     suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        return "verl-parquet", read_parquet(path)
     if suffix == ".jsonl":
-        return "jsonl", read_jsonl(path)
+        numbered = read_numbered_jsonl(path)
+        return "jsonl", [row for _, row in numbered], [f"line {n}" for n, _ in numbered]
+    if suffix == ".parquet":
+        rows = read_parquet(path)
+        return "verl-parquet", rows, [f"row {i}" for i in range(1, len(rows) + 1)]
     if suffix == ".json":
         rows = read_json(path)
-        return json_layout(path, rows), rows
+        return json_layout(path, rows), rows, [f"row {i}" for i in range(1, len(rows) + 1)]
     raise ValueError(f"unknown data format for {path}: expected a .json, .jsonl or .parquet file, "
                      f"or a name: {', '.join(NAMES)}")
 
@@ -166,10 +175,16 @@ def json_layout(path: Path, rows) -> str:
 
 
 def read_json(path: Path):
+    """The file's JSON value; an empty or binary file, bytes that are not UTF-8, nesting deeper than Python's
+    parser allows, or an integer of over 4,300 digits is a ValueError naming the file."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (a binary file?): byte {e.start} is {e.object[e.start]:#x}") from None
+    except RecursionError:
+        raise ValueError(f"{path} is not valid JSON: nested too deeply") from None
+    except ValueError as e:   # JSONDecodeError, or the limit on an integer's digits
+        raise ValueError(f"{path} is not valid JSON: {'empty file' if not path.stat().st_size else e}") from None
 
 
 def read_parquet(path: Path) -> list[dict]:

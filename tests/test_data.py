@@ -211,7 +211,7 @@ def test_bad_toolrl_row_names_file_row_and_reason(tmp_path, bad_row, reason):
     with pytest.raises(ValueError) as error:
         load_examples(path)
     message = str(error.value)
-    assert path in message and "row 2:" in message and reason in message
+    assert path in message and "row 3:" in message and reason in message     # 1-based, as an editor counts
 
 
 def test_tag_quoted_in_the_thought_reads_the_last_block(tmp_path):
@@ -221,7 +221,7 @@ def test_tag_quoted_in_the_thought_reads_the_last_block(tmp_path):
     # only a block that is not JSON falls back to the last one, as in rewards/toolrl.py: a first
     # block of JSON lines that are not calls is an error, not a reason to look further
     wrong = f'<think> x </think>\n<tool_call>\n{{"name": 1, "parameters": {{}}}}\n<tool_call>\n{CALL}\n</tool_call>'
-    with pytest.raises(ValueError, match="row 0: line 1 of the <tool_call> block is not {"):
+    with pytest.raises(ValueError, match="row 1: line 1 of the <tool_call> block is not {"):
         load_examples(write_json(tmp_path / "wrong.json", [toolrl_row(0, wrong)]))
 
 
@@ -232,7 +232,7 @@ def test_tag_quoted_in_the_thought_reads_the_last_block(tmp_path):
 ])
 def test_bad_apibank_row(tmp_path, row, reason):
     path = write_json(tmp_path / "level-2-api_processed.json", [{"system": "s", "user": "u", "answer": json.loads(CALL)}, row])
-    with pytest.raises(ValueError, match="row 1: ") as error:
+    with pytest.raises(ValueError, match="row 2: ") as error:
         load_examples(path)
     assert path in str(error.value) and reason in str(error.value)
 
@@ -251,7 +251,8 @@ def test_bad_jsonl_row(tmp_path, row, reason):
     path.write_text(json.dumps(good) + "\n\n" + json.dumps(row) + "\n")
     with pytest.raises(ValueError) as error:
         load_examples(str(path))
-    assert str(path) in str(error.value) and "row 1: " in str(error.value) and reason in str(error.value)
+    # the bad row is the file's line 3 (a blank line 2 between): lines are counted as an editor does
+    assert str(path) in str(error.value) and "line 3: " in str(error.value) and reason in str(error.value)
     good_only = tmp_path / "good.jsonl"
     good_only.write_text(json.dumps(good) + "\n" + json.dumps({**good, "id": None}) + "\n")
     assert [e.id for e in load_examples(str(good_only))] == ["mine-a", "good-1"]
@@ -264,7 +265,7 @@ def test_skip_bad_rows_drops_and_reports(tmp_path, capsys):
     assert [e.id for e in examples] == ["mine-0", "mine-2"]
     printed = capsys.readouterr().out
     assert "skipped 2 bad row(s) of 4" in printed and path in printed
-    assert "row 1: field 'input'" in printed and "row 3: ground truth has neither" in printed
+    assert "row 2: field 'input'" in printed and "row 4: ground truth has neither" in printed
 
 
 def test_missing_pandas_names_the_pip_command(tmp_path, monkeypatch):
