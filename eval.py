@@ -30,6 +30,7 @@ replaced until all are scored. Every file is written whole or not at all (grpo/i
 import dataclasses
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -37,14 +38,14 @@ from typing import Callable, NamedTuple
 import torch
 from tqdm import tqdm
 
-from data import build_prompts, load_examples
+from data import DownloadError, build_prompts, load_examples
 from data.bfcl import CATEGORIES as BFCL_CATEGORIES
 from data.bfcl import load_category
 from data.formats import ground_truth_calls
 from data.jsonl import read_jsonl
 from grpo.cli import config_json, field, parse_config
 from grpo.io import atomic_path, atomic_write_text
-from grpo.model import load_model_and_tokenizer, resolve_model_name
+from grpo.model import check_model_source, load_model_and_tokenizer
 from grpo.rollout import generate_text
 from rewards import RewardConfig, toolrl_reward
 from rewards import apibank, bfcl
@@ -75,13 +76,15 @@ class EvalConfig:
     device: str = field("auto", "cuda, cpu or auto (cuda when available)")
     trust_remote_code: bool = field(False, "let transformers run code shipped with the model")
     rescore: bool = field(False, "re-score existing predictions.jsonl files instead of generating")
+    skip_bad_rows: bool = field(False, "drop data rows that fail their checks (each listed) instead of stopping")
 
 
 # ---------------------------------------------------------------- benchmarks: load, score, summarize
 # Every item has .id and .messages ([system, user]); score(item, output) -> one predictions.jsonl row.
 
 def load_toolrl(config: EvalConfig) -> list:
-    examples = load_examples(config.toolrl_data) if config.toolrl_data else load_examples("toolrl", split="test")
+    examples = (load_examples(config.toolrl_data, skip_bad_rows=config.skip_bad_rows) if config.toolrl_data
+                else load_examples("toolrl", split="test"))
     return examples[:config.limit or None]
 
 
@@ -120,7 +123,8 @@ def load_demo(config: EvalConfig) -> list:
 def load_apibank(config: EvalConfig) -> list:
     if config.apibank_dir:
         examples = [example for level in apibank.LEVELS for example in
-                    load_examples(str(Path(config.apibank_dir) / f"level-{level}-api_processed.json"))]
+                    load_examples(str(Path(config.apibank_dir) / f"level-{level}-api_processed.json"),
+                                  skip_bad_rows=config.skip_bad_rows)]
     else:
         examples = load_examples("apibank")  # the three levels, meta["level"] on each
     by_level = {level: [e for e in examples if e.meta["level"] == level] for level in apibank.LEVELS}
@@ -282,31 +286,48 @@ def benchmark_names(config: EvalConfig) -> list[str]:
     return [b.strip() for b in config.benchmarks.split(",") if b.strip()]
 
 
+def fail(message: str):
+    """Stop with one line on stderr and exit code 2, as for a bad command line."""
+    print(f"eval.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def main(config: EvalConfig) -> dict:
+    """Check the command line and read every benchmark's data before any model loads: a mistake stops with one
+    line (exit code 2), not after the first model's hour."""
     names = benchmark_names(config)
     unknown = [b for b in names if b not in BENCHMARKS]
     if unknown:
-        raise SystemExit(f"--benchmarks: unknown {unknown}; choose from {list(BENCHMARKS)}")
+        fail(f"--benchmarks: unknown {unknown}; choose from {list(BENCHMARKS)}")
     if not config.model:
-        raise SystemExit("--model: give at least one (repeat the flag for several)")
-    for name in config.model:                     # a bad name fails now, not after the first model's hour
+        fail("--model: give at least one (repeat the flag for several)")
+    if config.limit < 0 or config.max_new_tokens <= 0 or config.batch_size <= 0:
+        fail("--limit must be >= 0, --max_new_tokens and --batch_size > 0")
+    for name in config.model:
         try:
-            resolve_model_name(name)
+            if not config.rescore:
+                check_model_source(name)
         except ValueError as e:
-            raise SystemExit(str(e))
+            fail(str(e))
+    try:
+        benchmarks = {name: BENCHMARKS[name].load(config) for name in names}
+    except (DownloadError, ValueError, FileNotFoundError, ImportError) as e:  # DownloadError: one line already
+        fail(str(e))
     print(config_json(config))
-    summary = evaluate(config)
+    summary = evaluate(config, benchmarks)
     print("\n\n".join(plain(t) for t in tables(summary, names)))
     return summary
 
 
-def evaluate(config: EvalConfig) -> dict:
+def evaluate(config: EvalConfig, benchmarks: dict[str, list] | None = None) -> dict:
     """Every model on every benchmark of `config` -> {model: {benchmark: metrics}}; writes the predictions,
-    summary.json and summary.md under config.output_dir. train.py's end-of-run table comes from here too."""
+    summary.json and summary.md under config.output_dir. train.py's end-of-run table comes from here too.
+    `benchmarks`: {name: items} already loaded (loaded here otherwise), the same for every model."""
     names = benchmark_names(config)
     if config.device == "auto":
         config = dataclasses.replace(config, device="cuda" if torch.cuda.is_available() else "cpu")
-    benchmarks = {name: BENCHMARKS[name].load(config) for name in names}  # loaded once, for every model
+    if benchmarks is None:
+        benchmarks = {name: BENCHMARKS[name].load(config) for name in names}
     summary, rescored = {}, {}
     for name in config.model:
         summary[name], model_rescored = evaluate_model(name, benchmarks, config)
@@ -328,4 +349,4 @@ def tables(summary: dict, benchmarks: list[str]) -> list[list[list[str]]]:
 
 
 if __name__ == "__main__":
-    main(parse_config(EvalConfig)[0])
+    main(parse_config(EvalConfig, prog="eval.py")[0])

@@ -17,26 +17,27 @@ Dropped: PPO's value model, vLLM, multi-turn tool execution (ToolRL is single-st
 """
 import json
 import math
+import os
 import shlex
 import sys
 import time
 from dataclasses import dataclass, replace
-from functools import partial
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from data import build_prompts, load_examples
+from data import DownloadError, build_prompts, load_examples
 from grpo import checkpoint as ckpt
 from grpo import dist
 from grpo.cli import FALSE_WORDS, TRUE_WORDS, config_json, field, parse_config
 from grpo.io import atomic_path, atomic_write_text, remove
 from grpo.logprobs import CompletionLogprobs
 from grpo.loss import group_advantages, grpo_token_loss, masked_sum, zero_std_fraction
-from grpo.model import load_model, load_tokenizer, resolve_model_name, set_checkpointing
+from grpo.model import check_model_source, load_model, load_tokenizer, resolve_model_name, set_checkpointing
 from grpo.report import StepLog, plot_rewards, trend
-from grpo.rollout import Rollout, decode_completions, eos_token_ids, generate_rollout, left_pad, pad_token_id
+from grpo.rollout import (NonFiniteLogits, Rollout, decode_completions, eos_token_ids, generate_rollout, left_pad,
+                          pad_token_id)
 from rewards import RewardConfig, toolrl_reward
 
 
@@ -54,6 +55,9 @@ class Config:
                                      "--resume = --output_dir on a dir with no checkpoint yet starts fresh")
     overwrite_output_dir: bool = field(False, "delete the run already in --output_dir (checkpoints, metrics, "
                                               "samples, plot, sft-init, eval) before starting a fresh one")
+    allow_config_change: bool = field(False, "let --resume continue with values that change the run's course (a "
+                                             "new --learning_rate, ...); they take effect and metrics.jsonl logs them")
+    skip_bad_rows: bool = field(False, "drop data rows that fail their checks (each listed) instead of stopping")
     trust_remote_code: bool = field(False, "allow model code from the hub (off: only transformers' own code runs)")
     cpu_threads: int = field(0, "torch's CPU threads (0: its default, one per core)")
     # rollout
@@ -74,7 +78,10 @@ class Config:
     max_steps: int = field(105, "rollout batches to train on (the paper: 15 epochs of 7 = 105)")
     steps_per_generation: int = field(4, "optimizer steps per rollout batch (mini-batches); >1 makes the ratio matter")
     micro_batch_size: int = field(8, "sequences per forward/backward; lower it on out-of-memory")
-    learning_rate: float = field(1e-6, "AdamW learning rate (constant)")
+    learning_rate: float = field(1e-6, "AdamW learning rate (peak of the schedule)")
+    lr_scheduler_type: str = field("constant", "learning-rate schedule after the warm-up, over --max_steps",
+                                   choices=["constant", "linear", "cosine"])
+    warmup_steps: int = field(0, "steps of linear learning-rate warm-up from 0")
     weight_decay: float = field(0.01, "AdamW weight decay")
     max_grad_norm: float = field(1.0, "gradient-norm clip")
     epsilon: float = field(0.2, "clip range below 1 for the ratio")
@@ -117,12 +124,31 @@ TINY_PRESET = dict(
 )
 
 
+# The fields a --resume may change freely: where files go, how often to save, log and evaluate, and memory or
+# speed knobs that leave the math as it was (--fsdp too: any number of ranks, sharded or not, resumes any checkpoint). Any other difference from the checkpoint's config changes the run's
+# course, and needs --allow_config_change. (--max_steps also moves a decaying schedule: compared then.)
+FREE_ON_RESUME = {"output_dir", "resume", "overwrite_output_dir", "allow_config_change", "trust_remote_code",
+                  "cpu_threads", "fsdp", "generation_batch_size", "compile_generation", "micro_batch_size",
+                  "gradient_checkpointing", "logprob_chunk_size", "save_every", "keep_checkpoints",
+                  "log_samples_every", "eval_data", "max_steps"}
+NOT_IN_CONFIG_FILE = ("resume", "overwrite_output_dir", "allow_config_change")   # what to do, not what the run is
+
+
+def help_defaults() -> dict[str, str]:
+    """--help shows what a bare `python train.py` uses (the tiny preset) beside the paper's recipe."""
+    return {name: f"default: {value} (the tiny preset); paper's recipe: {getattr(Config, name)}"
+            for name, value in TINY_PRESET.items()}
+
+
 def configure(argv=None) -> Config:
     """Parse the command line, apply the tiny preset, resolve 'auto', and check every value before any
-    model is loaded (a bad value fails fast, naming its flag)."""
-    cfg, given = parse_config(Config, argv)
+    model is loaded: a bad value stops with one line naming its flag (exit code 2)."""
+    cfg, given = parse_config(Config, argv, help_defaults(), config_file=True, ignored_in_file=NOT_IN_CONFIG_FILE,
+                              prog="train.py")
     if cfg.model == "tiny":
         cfg = replace(cfg, **{k: v for k, v in TINY_PRESET.items() if k not in given})
+        if "sft_data" not in given and cfg.data not in ("auto", "demo"):
+            cfg = replace(cfg, sft_data=cfg.data)          # `--model tiny --data FILE`: warm-start on FILE too
     if cfg.data == "auto":
         cfg = replace(cfg, data="demo" if cfg.model == "tiny" else "toolrl")
     if cfg.data_split is None and cfg.data in ("toolrl", "demo"):
@@ -133,15 +159,17 @@ def configure(argv=None) -> Config:
                  "max_steps", "steps_per_generation", "micro_batch_size", "logprob_chunk_size",
                  "save_every", "keep_checkpoints", "log_samples_every", "max_bad_steps", "sft_batch_size"):
         if getattr(cfg, name) <= 0:
-            raise SystemExit(f"--{name} must be positive, got {getattr(cfg, name)}")
-    W = dist.world_size()                                   # distributed: ranks (1 in a plain run)
+            fail(f"--{name} must be positive, got {getattr(cfg, name)}")
+    for name in ("learning_rate", "sft_learning_rate", "weight_decay", "beta", "entropy_coef", "epsilon",
+                 "epsilon_high", "sft_steps", "warmup_steps", "sft_warmup_steps", "cpu_threads"):
+        if getattr(cfg, name) < 0:                  # NaN and inf were refused while parsing (grpo/cli.py)
+            fail(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    W, cores = dist.world_size(), len(os.sched_getaffinity(0))   # ranks (1 in a plain run); cores we may use
     checks = [
         (cfg.num_generations >= 2, f"--num_generations must be >= 2 for group-relative advantages, got {cfg.num_generations}"),
         (cfg.temperature > 0, f"--temperature must be > 0 for sampling, got {cfg.temperature}"),
-        (cfg.sft_steps >= 0, f"--sft_steps must be >= 0, got {cfg.sft_steps}"),
-        (cfg.cpu_threads >= 0, f"--cpu_threads must be >= 0, got {cfg.cpu_threads}"),
-        (min(cfg.learning_rate, cfg.weight_decay, cfg.beta, cfg.entropy_coef, cfg.epsilon, cfg.epsilon_high) >= 0,
-         "--learning_rate, --weight_decay, --beta, --entropy_coef, --epsilon, --epsilon_high must be >= 0"),
+        (cfg.max_grad_norm > 0, f"--max_grad_norm must be > 0, got {cfg.max_grad_norm}"),
+        (cfg.cpu_threads <= cores, f"--cpu_threads {cfg.cpu_threads}: this machine lets the run use {cores} core(s)"),
         # each rank (one in a plain run) takes an equal share of the prompts and splits its completions into
         # --steps_per_generation equal mini-batches
         (cfg.prompts_per_step % W == 0 and cfg.prompts_per_step // W * cfg.num_generations % cfg.steps_per_generation == 0,
@@ -151,23 +179,45 @@ def configure(argv=None) -> Config:
     ]
     for ok, message in checks:
         if not ok:
-            raise SystemExit(message)
-    for name in ("data", "sft_data", "eval_data"):
-        source = getattr(cfg, name)
-        if name == "eval_data" and source == "none":
-            continue
-        if source and source not in ("demo", "toolrl", "toolrl-sft") and not Path(source).exists():
-            raise SystemExit(f"--{name} {source!r}: no such file (or use 'demo' / 'toolrl' / 'toolrl-sft')")
+            fail(message)
     if cfg.model != "tiny":
         try:
             resolve_model_name(cfg.model)
         except ValueError as e:
-            raise SystemExit(str(e))
+            fail(str(e))
         context = _model_context_length(cfg.model)
         if context and cfg.max_prompt_length + cfg.max_new_tokens > context:
-            raise SystemExit(f"--max_prompt_length {cfg.max_prompt_length} + --max_new_tokens {cfg.max_new_tokens} "
-                             f"exceeds the model's {context} positions: no room for completion tokens")
+            fail(f"--max_prompt_length {cfg.max_prompt_length} + --max_new_tokens {cfg.max_new_tokens} "
+                 f"exceeds the model's {context} positions: no room for completion tokens")
     return cfg
+
+
+def load_data(cfg: Config) -> tuple[list, list | None]:
+    """(examples, warm-start examples) of --data and --sft_data; the --eval_data set is read once too, so that
+    a bad file stops the run now, not after training. A mistake stops with one line naming the flag."""
+    def load(flag: str, source: str, split: str | None) -> list:
+        try:
+            examples = load_examples(source, split=split, skip_bad_rows=cfg.skip_bad_rows)
+        except (DownloadError, ValueError, FileNotFoundError, ImportError) as e:   # DownloadError: already one line
+            fail(f"--{flag} {source}: {e}")
+        if not examples:
+            fail(f"--{flag} {source}: no usable rows")
+        return examples
+
+    examples = load("data", cfg.data, cfg.data_split)
+    if cfg.prompts_per_step > len(examples):
+        fail(f"--prompts_per_step {cfg.prompts_per_step} is more than the {len(examples)} prompts of --data {cfg.data}")
+    sft_examples = None
+    if cfg.sft_steps:
+        if not cfg.sft_data:
+            fail(f"--sft_steps {cfg.sft_steps} needs --sft_data")
+        if cfg.sft_data == cfg.data:                       # the same split as GRPO's prompts: train, never test
+            sft_examples = examples
+        else:
+            sft_examples = load("sft_data", cfg.sft_data, "train" if cfg.sft_data in ("toolrl", "demo") else None)
+    if cfg.eval_data not in ("none", "demo", "toolrl"):
+        load("eval_data", cfg.eval_data, None)
+    return examples, sft_examples
 
 
 def fail(message: str):
@@ -185,13 +235,16 @@ def holds_run(out: Path) -> bool:
             or bool(ckpt.list_checkpoints(out)))
 
 
-def resume_point(cfg: Config) -> tuple[Path, dict] | None:
+def resume_point(cfg: Config) -> tuple[tuple[Path, dict] | None, dict]:
     """Decide, before anything is written, where this run starts; fail (changing nothing) when it cannot.
 
     A fresh run never writes into a directory that holds a run, unless --overwrite_output_dir. --resume
     continues from the newest usable checkpoint; with none at all there (a scheduler's restart loop: the same
     command with --resume from the first second of the job) it starts fresh; with checkpoints of which none is
-    usable, or a --resume path that does not exist (other than the output dir itself), it stops."""
+    usable, or a --resume path that does not exist (other than the output dir itself), it stops.
+
+    Returns ((checkpoint, trainer state) or None, {field: [saved, new]} of the config changes a resume makes:
+    with any outside FREE_ON_RESUME it stops, unless --allow_config_change)."""
     out = Path(cfg.output_dir)
     if cfg.resume and cfg.overwrite_output_dir:
         fail("--resume and --overwrite_output_dir: choose one (continue the run, or delete it and start over)")
@@ -210,7 +263,19 @@ def resume_point(cfg: Config) -> tuple[Path, dict] | None:
     if resumed is None and not own_run and not cfg.overwrite_output_dir and holds_run(out):
         fail(f"{out} holds a run; continue it with --resume {out}, or delete it and start over with "
              f"--overwrite_output_dir")
-    return resumed
+    changes = config_changes(json.loads((resumed[0] / "train_config.json").read_text()), cfg) if resumed else {}
+    if changes and not cfg.allow_config_change:
+        fail(f"--resume {cfg.resume}: this command changes the run's course ("
+             + "; ".join(f"--{k} {new} where {resumed[0].name} has {old}" for k, (old, new) in changes.items())
+             + "): give the values it was saved with, or add --allow_config_change to continue with the new ones")
+    return resumed, changes
+
+
+def config_changes(saved: dict, cfg: Config) -> dict[str, list]:
+    """{field: [saved value, new value]} for each field whose change alters the run's course (FREE_ON_RESUME)."""
+    new = json.loads(config_json(cfg))
+    free = FREE_ON_RESUME - ({"max_steps"} if cfg.lr_scheduler_type != "constant" else set())
+    return {k: [saved[k], v] for k, v in new.items() if k in saved and k not in free and saved[k] != v}
 
 
 def delete_run(out: Path) -> None:
@@ -253,43 +318,77 @@ def lr_factor(kind: str, warmup_steps: int, total_steps: int, step: int) -> floa
     return {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1.0 + math.cos(math.pi * progress))}[kind]
 
 
-def sft_warm_start(cfg: Config, policy: CompletionLogprobs, tokenizer, autocast, start: int = 0,
+class BadSteps:
+    """The one place non-finite values are handled, for the warm start and GRPO alike: a step that met NaN or inf
+    (weights, sampling logits, rewards, loss or gradient) is skipped and counted; after `limit` such steps in a
+    row, `record` says to stop. No checkpoint is written while the weights may be broken."""
+
+    def __init__(self, limit: int):
+        self.limit, self.problems = limit, []               # the current run of bad steps
+
+    def record(self, problem: str | None, step: int) -> bool:
+        """problem: what was non-finite at this step (None: nothing). True when the run must stop."""
+        if problem is None:
+            self.problems = []
+            return False
+        self.problems.append(problem)
+        tqdm.write(f"step {step}: non-finite {problem}: skipped ({len(self.problems)} in a row)")
+        return len(self.problems) >= self.limit
+
+    @property
+    def weights_broken(self) -> bool:
+        """Skipped gradients leave the weights as they were; NaN/inf weights or logits mean they are lost."""
+        return any(p.startswith(("weights", "logits", "loss")) for p in self.problems)
+
+
+def finite_weights(model) -> bool:
+    """Every weight finite, in one host sync. distributed: FSDP's shards are checked on every rank, together."""
+    bad = torch.stack([~(p.to_local() if hasattr(p, "to_local") else p).isfinite().all() for p in model.parameters()])
+    return dist.sum_over_ranks(bad.sum()).item() == 0
+
+
+def sft_warm_start(cfg: Config, examples: list, policy: CompletionLogprobs, tokenizer, autocast, start: int = 0,
                    seconds: float | None = None) -> int:
     """Supervised steps on ground truths: -mean log p(ground truth + EOS | prompt), completion tokens only.
 
     Runs steps start, start+1, ... of the data order (a function of the seed): `cfg.sft_steps` of them, or with
     `seconds`, as many as fit in that wall time (bench/sft_control.py: supervised steps instead of GRPO).
+    A step with a non-finite loss or gradient is skipped (BadSteps); --max_bad_steps in a row stop the run.
     Returns the number of steps taken."""
-    examples = load_examples(cfg.sft_data, split="train" if cfg.sft_data in ("toolrl", "demo") else None)
     prompts, _ = build_prompts(tokenizer, examples, cfg.max_prompt_length)
     targets = [tokenizer(e.ground_truth, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
                for e in examples]
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.sft_learning_rate, weight_decay=cfg.weight_decay)
-    # with `seconds` (the control) the number of steps is unknown in advance: the base rate, constant
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg.sft_lr_scheduler_type,
-                                                                    cfg.sft_warmup_steps, cfg.sft_steps)) \
-        if seconds is None else None
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed))
     device = next(policy.parameters()).device
-    t0, step = time.perf_counter(), start
-    bar = tqdm(total=cfg.sft_steps if seconds is None else None, desc="sft")
+    t0, step, bad = time.perf_counter(), start, BadSteps(cfg.max_bad_steps)
+    bar = tqdm(total=cfg.sft_steps if seconds is None else None, desc="warm start (supervised)")
     while (step < start + cfg.sft_steps) if seconds is None else (time.perf_counter() - t0 < seconds):
         idx = [order[(step * cfg.sft_batch_size + i) % len(examples)].item() for i in range(cfg.sft_batch_size)]
         prompt_ids, prompt_mask = left_pad([prompts[i] for i in idx], pad_token_id(tokenizer))     # (b, P)
         T = max(len(targets[i]) for i in idx)
         target_ids = torch.tensor([targets[i] + [pad_token_id(tokenizer)] * (T - len(targets[i])) for i in idx])
         target_mask = torch.tensor([[t < len(targets[i]) for t in range(T)] for i in idx])         # (b, T)
+        # with `seconds` (the control) the number of steps is unknown in advance: the base rate, constant
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.sft_learning_rate * (1.0 if seconds else lr_factor(
+                cfg.sft_lr_scheduler_type, cfg.sft_warmup_steps, cfg.sft_steps, step - start))
         ids = torch.cat([prompt_ids, target_ids], 1).to(device)
         attn = torch.cat([prompt_mask, target_mask.long()], 1).to(device)
         with autocast():
             logp, _ = policy(ids, attn, target_mask.to(device))                                    # (b, T)
         loss = -masked_sum(logp, target_mask.to(device)) / target_mask.sum()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-        optimizer.step()
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+        if torch.isfinite(grad_norm):                      # a non-finite loss has a non-finite gradient too
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if schedule:
-            schedule.step()
+        problem = None if torch.isfinite(grad_norm) else "loss or gradient in the warm start"
+        if problem is None and not finite_weights(policy):
+            problem = "weights after a warm-start step"
+        if bad.record(problem, step + 1):
+            raise SystemExit(f"aborting the warm start: {len(bad.problems)} steps in a row met a non-finite value; "
+                             f"nothing was saved. Try a lower --sft_learning_rate (now {cfg.sft_learning_rate}).")
         bar.set_postfix(loss=f"{loss.item():.3f}")
         bar.update()
         step += 1
@@ -318,7 +417,6 @@ def policy_update(policy, optimizer, rollout: Rollout, advantages, old_logp, ref
     # distributed: not with several ranks, which must all run the same micro-batches (FSDP communicates in each).
     skip_flat = cfg.skip_zero_advantage and cfg.beta == 0 and cfg.entropy_coef == 0 and dist.world_size() == 1
     totals = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0, "skipped": 0}
-    bar = tqdm(total=N, desc="update", leave=False)
     for k in range(cfg.steps_per_generation):
         rows = torch.arange(k * rows_per_step, (k + 1) * rows_per_step, device=advantages.device)
         # Every row counts, fixed before backward. distributed: the count of all ranks' rows together.
@@ -346,7 +444,6 @@ def policy_update(policy, optimizer, rollout: Rollout, advantages, old_logp, ref
             totals["kl"] += masked_sum(parts["kl"], mb.completion_mask).item() * scale
             totals["entropy"] += masked_sum(entropy.detach(), mb.completion_mask).item() * scale
             totals["clip_fraction"] += masked_sum(parts["clipped"], mb.completion_mask).item() * scale
-            bar.update(len(micro))
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
         if torch.isfinite(grad_norm):
             optimizer.step()
@@ -355,8 +452,24 @@ def policy_update(policy, optimizer, rollout: Rollout, advantages, old_logp, ref
             print(f"non-finite gradient norm ({grad_norm.item()}): optimizer step skipped")
         optimizer.zero_grad(set_to_none=True)
         totals["grad_norm"] += grad_norm.item() / cfg.steps_per_generation
-    bar.close()
     return totals
+
+
+def stop_non_finite(cfg: Config, out: Path, step: int, model, tokenizer, optimizer, bad: BadSteps, start: str):
+    """--max_bad_steps steps in a row met NaN/inf: save the weights if they are still good (skipped steps left
+    them as they were), and stop with one message. `start`: the model this run's GRPO steps started from."""
+    rates = f"--learning_rate (now {cfg.learning_rate})"
+    if not bad.weights_broken:
+        path = ckpt.save_checkpoint(out, step, model, tokenizer, optimizer, config_json(cfg), cfg.keep_checkpoints)
+        where = f"the weights from before them are saved in {path}"
+    else:                                # they blew up: the last good ones are those saved before
+        newest = ckpt.list_checkpoints(out)
+        where = (f"the weights themselves give NaN/inf, so they were not saved; the last good ones are in "
+                 f"{newest[0] if newest else start + ' (no checkpoint was saved yet)'}")
+        if not newest and cfg.sft_steps:           # the warm start may have broken them
+            rates += f" or --sft_learning_rate (now {cfg.sft_learning_rate})"
+    raise SystemExit(f"aborting: {len(bad.problems)} steps in a row met a non-finite value (skipped); {where}. "
+                     f"Try a lower {rates}.")
 
 
 def evaluate_heldout(cfg: Config, models: dict[str, str], output_dir: Path, device: str) -> dict[str, float] | None:
@@ -382,10 +495,16 @@ def main(argv=None):
     No checkpoint is saved then: the state in the middle of a step is not a consistent one."""
     argv = sys.argv[1:] if argv is None else argv
     cfg = configure(argv)
-    resumed = resume_point(cfg)     # before anything is written: every rank decides on the same files
+    if cfg.model != "tiny":                   # a path that is not there, or the hub out of reach: stop in seconds
+        try:
+            check_model_source(cfg.model)
+        except ValueError as e:
+            fail(str(e))
+    data = load_data(cfg)                     # a bad file stops here, before any model is loaded
+    resumed, changes = resume_point(cfg)      # before anything is written: every rank decides on the same files
     progress = {"step": resumed[1]["step"] if resumed else 0}
     try:
-        train(cfg, resumed, progress)
+        train(cfg, data, resumed, changes, progress)
     except KeyboardInterrupt:
         newest = ckpt.list_checkpoints(Path(cfg.output_dir))
         print(f"\ninterrupted at step {progress['step']}/{cfg.max_steps}; newest checkpoint: "
@@ -394,15 +513,19 @@ def main(argv=None):
         raise SystemExit(130)      # 128 + SIGINT, as a shell reports it
 
 
-def train(cfg: Config, resumed: tuple[Path, dict] | None, progress: dict):
-    """The run: warm start, then the GRPO loop; `progress["step"]` counts the steps done."""
+def train(cfg: Config, data: tuple[list, list | None], resumed: tuple[Path, dict] | None, changes: dict,
+          progress: dict):
+    """The run: warm start, then the GRPO loop; `progress["step"]` counts the steps done. `data`: load_data's;
+    `resumed`, `changes`: resume_point's."""
     dist.setup()                    # distributed: join torchrun's process group; other ranks than 0 print nothing
     out = Path(cfg.output_dir)
     if cfg.overwrite_output_dir and dist.rank() == 0:
         delete_run(out)
     dist.barrier()
     out.mkdir(parents=True, exist_ok=True)
-    print(config_json(cfg))
+    print(f"run directory: {out} (its whole config: {out / 'train_config.json'})")
+    if changes:
+        print("resuming with changed values: " + ", ".join(f"--{k} {old} -> {new}" for k, (old, new) in changes.items()))
     if dist.rank() == 0:            # distributed: rank 0 alone writes files (here and below)
         atomic_write_text(out / "train_config.json", config_json(cfg))
     torch.manual_seed(cfg.seed)
@@ -421,7 +544,7 @@ def train(cfg: Config, resumed: tuple[Path, dict] | None, progress: dict):
             save_tiny_model(model_path, **DEMO_MODEL)
         dist.barrier()
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
-    examples = load_examples(cfg.data, split=cfg.data_split)
+    examples, sft_examples = data
     prompts, n_truncated = build_prompts(tokenizer, examples, cfg.max_prompt_length)
     if cfg.resume and resumed is None:
         print(f"--resume {cfg.resume}: no checkpoint there yet; starting from step 0")
@@ -437,7 +560,7 @@ def train(cfg: Config, resumed: tuple[Path, dict] | None, progress: dict):
     if cfg.sft_steps > 0:          # the reference is the policy GRPO starts from: after the warm start
         ref_path = str(out / "sft-init")
         if not resumed:
-            sft_warm_start(cfg, policy, tokenizer, autocast)          # every rank: the same steps on the same data
+            sft_warm_start(cfg, sft_examples, policy, tokenizer, autocast)   # every rank: the same steps and data
             if dist.rank() == 0:
                 with atomic_path(ref_path) as tmp:          # whole or not at all (grpo/io.py)
                     model.save_pretrained(tmp)
@@ -456,16 +579,21 @@ def train(cfg: Config, resumed: tuple[Path, dict] | None, progress: dict):
         dist.load_optimizer_state(model, optimizer, resumed[1]["optimizer"])   # saved by any number of ranks
         start_step = resumed[1]["step"]
         print(f"resumed from {resumed[0]} at step {start_step}")
+    # The learning rate is a function of the step, like the prompt order, set at the start of each step: the
+    # checkpoint's step restores the schedule exactly. It comes from this command, not from the optimizer state
+    # just loaded, so that a resume with --allow_config_change runs at its new --learning_rate.
+    for group in optimizer.param_groups:
+        group["weight_decay"] = cfg.weight_decay
 
     B, G = cfg.prompts_per_step, cfg.num_generations
     steps_per_epoch = len(prompts) // B
-    assert steps_per_epoch > 0, f"--prompts_per_step {B} is more than the {len(prompts)} training prompts"
     reward_cfg = RewardConfig(length=cfg.reward_length, scale=cfg.reward_scale, granularity=cfg.reward_granularity)
     print(f"{len(prompts)} prompts ({n_truncated} truncated), {steps_per_epoch} steps per epoch | "
           f"{B} x {G} = {B * G} completions per step, {cfg.steps_per_generation} optimizer steps per rollout, "
           f"up to {B * G * cfg.max_new_tokens:,} completion tokens per step | device {device} x {dist.world_size()}")
     log = StepLog(out, cfg.max_steps, start_step) if dist.rank() == 0 else None
-    bad_steps = 0
+    bad, start_model = BadSteps(cfg.max_bad_steps), str(resumed[0]) if resumed else ref_path
+    bar = tqdm(total=cfg.max_steps, initial=start_step, desc="GRPO steps", unit="step", disable=dist.rank() > 0)
 
     # ---- the loop: sample -> score -> advantages -> update -> log -> save
     for step in range(start_step, cfg.max_steps):
@@ -475,14 +603,29 @@ def train(cfg: Config, resumed: tuple[Path, dict] | None, progress: dict):
         epoch, position = divmod(step, steps_per_epoch)     # the prompt order is a function of (seed, epoch)
         order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed + epoch))
         batch = dist.shard(order[position * B:(position + 1) * B].tolist())  # distributed: this rank's B / ranks
-        # bf16 on GPU, as the update computes: decoding reads half the bytes of the float32 master weights, and
-        # autocast casts each weight once per rollout (its cache lives as long as this block).
-        # distributed: FSDP gathers its shards once for the whole rollout.
-        with dist.full_weights(policy), autocast():
-            rollout = generate_rollout(model, [prompts[i] for i in batch], num_generations=G,
-                                       max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                       eos_ids=eos_ids, pad_id=pad_id, batch_size=cfg.generation_batch_size,
-                                       compile=cfg.compile_generation)
+        learning_rate = cfg.learning_rate * lr_factor(cfg.lr_scheduler_type, cfg.warmup_steps, cfg.max_steps, step)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate
+        # Non-finite weights, or logits that become NaN/inf while sampling, skip the step (BadSteps).
+        problem = None if finite_weights(model) else "weights"
+        if problem is None:
+            try:
+                # bf16 on GPU, as the update computes: decoding reads half the bytes of the float32 master
+                # weights, and autocast casts each weight once per rollout (its cache lives as long as this
+                # block). distributed: FSDP gathers its shards once for the whole rollout.
+                with dist.full_weights(policy), autocast():
+                    rollout = generate_rollout(model, [prompts[i] for i in batch], num_generations=G,
+                                               max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                               eos_ids=eos_ids, pad_id=pad_id, batch_size=cfg.generation_batch_size,
+                                               compile=cfg.compile_generation)
+            except NonFiniteLogits:
+                problem = "logits while sampling"
+        # distributed: logits differ by rank; if any rank met NaN/inf, every rank skips (the update is collective)
+        if dist.sum_over_ranks(torch.tensor(float(problem is not None), device=device)).item() > 0:
+            bar.update()
+            if bad.record(problem or "logits while sampling (on another rank)", step + 1):
+                stop_non_finite(cfg, out, step + 1, model, tokenizer, optimizer, bad, start_model)
+            continue
         t1 = time.perf_counter()
 
         completions = decode_completions(tokenizer, rollout)                                     # B*G strings
@@ -510,26 +653,30 @@ def train(cfg: Config, resumed: tuple[Path, dict] | None, progress: dict):
             "frac_reward_zero_std": zero_std_fraction(all_rewards, G),
             "completion_length": lengths.mean().item(),
             "clipped_ratio": rollout.truncated.float().mean().item(),
-            **stats, "learning_rate": optimizer.param_groups[0]["lr"],
+            **stats, "learning_rate": learning_rate,
             "time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2, "time/step": t3 - t0,
             "tokens_per_second": rollout.attention_mask.sum().item() / (t3 - t0),
         }
         if device == "cuda":
             metrics["memory/peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        if step == start_step and changes:
+            metrics["config_change"] = changes             # a resume with --allow_config_change: what changed
         metrics = dist.mean_over_ranks(metrics)             # distributed: per-rank shares -> the whole batch's
+        bar.update()
         if log:                                             # distributed: rank 0 alone logs
             log.write(metrics)
             if (step + 1) % cfg.log_samples_every == 0 or step == start_step:
                 log.samples(step + 1, [examples[batch[0]].messages[-1]["content"]] * G,   # the first prompt's G
                             completions[:G], truths[:G], scores[:G])
 
-        bad_steps = bad_steps + 1 if metrics["skipped"] or not math.isfinite(metrics["loss"]) else 0
-        if bad_steps >= cfg.max_bad_steps:
-            path = ckpt.save_checkpoint(out, step + 1, model, tokenizer, optimizer, config_json(cfg), cfg.keep_checkpoints)
-            raise SystemExit(f"aborting: {bad_steps} steps in a row had a non-finite loss or gradient (skipped). "
-                             f"Weights from before them are in {path}; try a lower --learning_rate.")
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
+        # NaN rewards make a NaN loss with good weights; a NaN loss from finite advantages is the weights' doing
+        problem = ("rewards" if not torch.isfinite(all_rewards).all() else "loss" if not math.isfinite(metrics["loss"])
+                   else "gradient" if metrics["skipped"] else None)
+        if bad.record(problem, step + 1):
+            stop_non_finite(cfg, out, step + 1, model, tokenizer, optimizer, bad, start_model)
+        if ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps) and not bad.weights_broken:
             ckpt.save_checkpoint(out, step + 1, model, tokenizer, optimizer, config_json(cfg), cfg.keep_checkpoints)
+    bar.close()
     progress["step"] = cfg.max_steps
     if dist.rank() == 0:
         final = ckpt.list_checkpoints(out)[0]
@@ -538,8 +685,11 @@ def train(cfg: Config, resumed: tuple[Path, dict] | None, progress: dict):
             models[f"warm start ({Path(ref_path).name})"] = ref_path
         models[f"GRPO ({final.name})"] = str(final)
         exact = evaluate_heldout(cfg, models, out / "eval", device)
-        print(f"reward curves: {plot_rewards(out, exact)}")
+        plot = plot_rewards(out, exact)
         print(trend(out))
+        print(f"\nnewest checkpoint: {final}\nmetrics: {out / 'metrics.jsonl'}"
+              + (f"\nreward curves: {plot}" if plot else "")
+              + (f"\nheld-out predictions: {out / 'eval'}" if exact else ""))
 
 
 if __name__ == "__main__":

@@ -55,8 +55,9 @@ def main(argv=None):
     tokenizer = load_tokenizer(str(run / "sft-init"))
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    steps = train.sft_warm_start(cfg, CompletionLogprobs(model, cfg.logprob_chunk_size), tokenizer, nullcontext,
-                                 start=cfg.sft_steps, seconds=grpo_seconds)
+    _, sft_examples = train.load_data(cfg)
+    steps = train.sft_warm_start(cfg, sft_examples, CompletionLogprobs(model, cfg.logprob_chunk_size), tokenizer,
+                                 nullcontext, start=cfg.sft_steps, seconds=grpo_seconds)
     control_seconds = time.perf_counter() - t0
     with atomic_path(run / "sft-control") as tmp:
         model.save_pretrained(tmp)

@@ -7,6 +7,11 @@ import os
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as transformers_logging
+
+# transformers' bars for each file it loads or writes ("Loading weights", "Writing model shards") say nothing
+# about the run and break up its one progress bar
+transformers_logging.disable_progress_bar()
 
 # Bare names that resolve to a hub organisation, e.g. "Qwen2.5-1.5B-Instruct" -> "Qwen/Qwen2.5-1.5B-Instruct".
 HUB_ORGS = {"Qwen": "Qwen", "Llama": "meta-llama"}
@@ -21,6 +26,28 @@ def resolve_model_name(name: str) -> str:
             return f"{org}/{name}"
     raise ValueError(f"--model {name!r}: not a local directory, not a hub id 'org/name', and not a known "
                      f"family ({', '.join(HUB_ORGS)}). Pass a path or a full hub id.")
+
+
+def check_model_source(name: str) -> None:
+    """Raise ValueError, in seconds, if `name` cannot be loaded: a path that does not exist, or a hub model
+    that is neither in the local cache nor reachable (transformers itself retries for over a minute offline)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+    repo = resolve_model_name(name)
+    if os.path.isdir(name):
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ValueError(f"--model {name}: no such directory")
+    if constants.HF_HUB_OFFLINE or isinstance(try_to_load_from_cache(repo, "config.json"), str):
+        return                                  # cached (or offline by choice): transformers reads the cache
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, urlparse(constants.ENDPOINT).port or 443), timeout=5).close()
+    except OSError as e:
+        raise ValueError(f"--model {name}: {repo} is not in the local cache and {host} cannot be reached "
+                         f"({e}); pass a local model directory") from None
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):

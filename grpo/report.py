@@ -2,6 +2,8 @@
 import json
 from pathlib import Path
 
+from tqdm import tqdm
+
 from data.jsonl import read_jsonl
 from grpo.io import atomic_path, atomic_write_text
 
@@ -20,11 +22,10 @@ class StepLog:
             atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start_step))
 
     def write(self, m: dict) -> None:
-        print(f"step {m['step']:>5}/{self.max_steps} | reward {m['reward']:7.3f} ± {m['reward_std']:5.2f} | "
+        tqdm.write(f"step {m['step']:>5}/{self.max_steps} | reward {m['reward']:7.3f} ± {m['reward_std']:5.2f} | "
               f"format {m['rewards/format']:5.2f} | correct {m['rewards/correctness']:6.2f} | "
               f"kl {m['kl']:.4f} | len {m['completion_length']:6.1f} | grad {m['grad_norm']:6.3f} | "
-              f"gen {m['time/generate']:5.1f}s upd {m['time/update']:5.1f}s | {m['tokens_per_second']:7.0f} tok/s",
-              flush=True)
+              f"gen {m['time/generate']:5.1f}s upd {m['time/update']:5.1f}s | {m['tokens_per_second']:7.0f} tok/s")
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(m) + "\n")
 

@@ -18,8 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
-from transformers import CompileConfig, DynamicCache, GenerationConfig
+from transformers import CompileConfig, DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.cache_utils import DynamicLayer
 
 from grpo.logprobs import position_ids_from_mask
@@ -66,10 +65,11 @@ def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> tuple[t
 
 
 def sampling_config(temperature: float, max_new_tokens: int, eos_ids: list[int], pad_id: int) -> GenerationConfig:
-    """Every sampling knob set explicitly; temperature 0 means greedy."""
+    """Every sampling knob set explicitly; temperature 0 means greedy (which must leave top_k unset: transformers
+    warns that a greedy config's top_k is "not valid")."""
     return GenerationConfig(
         do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0,
-        top_p=1.0, top_k=0, min_p=None, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+        top_p=1.0, top_k=0 if temperature > 0 else None, min_p=None, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
         max_new_tokens=max_new_tokens, min_new_tokens=0, eos_token_id=list(eos_ids), pad_token_id=pad_id,
         use_cache=True, num_beams=1)
 
@@ -179,8 +179,27 @@ def _prefill_shared(model, ids: torch.Tensor, mask: torch.Tensor, repeats: int) 
     return cache
 
 
+class NonFiniteLogits(RuntimeError):
+    """The model produced NaN or inf logits while sampling: its weights are no longer usable."""
+
+
+class FiniteGuard(LogitsProcessor):
+    """Sampling from NaN/inf logits crashes (a device-side assert on CUDA, which ends the process): the guard
+    replaces them by 0 so that generation can finish, and remembers that it did, on the device (no host sync
+    per token). generate_rollout checks once at the end and raises NonFiniteLogits."""
+
+    def __init__(self):
+        self.seen = None                               # a 0-dim bool tensor once a non-finite logit was seen
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        finite = torch.isfinite(scores)                                  # (b, V)
+        bad = ~finite.all()
+        self.seen = bad if self.seen is None else self.seen | bad
+        return scores.where(finite, 0.0)
+
+
 def _sample_group(model, ids: torch.Tensor, mask: torch.Tensor, G: int, config: GenerationConfig,
-                  pad_id: int) -> torch.Tensor:
+                  pad_id: int, guard: LogitsProcessorList) -> torch.Tensor:
     """G completions for each of b prompts: (b, P) -> (b*G, t) completion ids, right-padded with pad_id.
 
     Two savings over one `generate(num_return_sequences=G)` call, which computes each prompt G times and keeps
@@ -203,7 +222,8 @@ def _sample_group(model, ids: torch.Tensor, mask: torch.Tensor, G: int, config: 
         for layer in cache.layers:
             if isinstance(layer, _ReservedLayer):
                 layer.reserve(segment.max_new_tokens)                   # each decode step adds one token
-        full = model.generate(input_ids=seq, attention_mask=seq_mask, cache=cache, generation_config=segment)
+        full = model.generate(input_ids=seq, attention_mask=seq_mask, cache=cache, generation_config=segment,
+                              logits_processor=guard)
         new = full[:, seq.shape[1]:]                                 # (alive, s): s < segment if all ended
         out[alive, done:done + new.shape[1]] = new
         done += new.shape[1]
@@ -218,7 +238,7 @@ def _sample_group(model, ids: torch.Tensor, mask: torch.Tensor, G: int, config: 
 
 
 def _sample_compiled(model, ids: torch.Tensor, mask: torch.Tensor, G: int, config: GenerationConfig,
-                     pad_id: int) -> torch.Tensor:
+                     pad_id: int, guard: LogitsProcessorList) -> torch.Tensor:
     """G completions for each of b prompts from one `generate` call on a static KV cache, whose decode step
     torch.compile turns into one fused graph (CUDA graphs on GPU): (b, P) -> (b*G, t) completion ids.
 
@@ -233,7 +253,7 @@ def _sample_compiled(model, ids: torch.Tensor, mask: torch.Tensor, G: int, confi
     static.compile_config = CompileConfig(dynamic=False)
     static.compile_config._compile_all_devices = True       # HF compiles only on accelerators unless told
     full = model.generate(input_ids=ids.repeat_interleave(G, dim=0), attention_mask=mask.repeat_interleave(G, dim=0),
-                          generation_config=static)                          # (b*G, P + t)
+                          generation_config=static, logits_processor=guard)  # (b*G, P + t)
     return full[:, ids.shape[1]:]
 
 
@@ -243,20 +263,19 @@ def generate_rollout(model, prompts: list[list[int]], *, num_generations: int, m
                      compile: bool = False) -> Rollout:
     """Sample `num_generations` completions for each prompt (token ids), `batch_size` sequences per
     batch (`_sample_group`, or `_sample_compiled` with `compile`). On CUDA out-of-memory the batch is
-    halved and retried."""
+    halved and retried. NaN or inf logits raise NonFiniteLogits (after generation: see FiniteGuard)."""
     G, device = num_generations, next(model.parameters()).device
     sample = _sample_compiled if compile else _sample_group
     config = sampling_config(temperature, max_new_tokens, eos_ids, pad_id)
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)                      # (B, P)
     prompts_per_call = max(1, batch_size // G)
-    outputs, start = [], 0
-    bar = tqdm(total=len(prompts) * G, desc="generate", leave=False)
+    outputs, start, guard = [], 0, FiniteGuard()
     with generation_mode(model, config):
         while start < len(prompts):
             ids = prompt_ids[start:start + prompts_per_call].to(device)
             mask = prompt_mask[start:start + prompts_per_call].to(device)
             try:
-                out = sample(model, ids, mask, G, config, pad_id)           # (b * G, t), prompt-major
+                out = sample(model, ids, mask, G, config, pad_id, LogitsProcessorList([guard]))  # (b*G, t)
             except torch.OutOfMemoryError:
                 if prompts_per_call == 1:
                     raise
@@ -266,8 +285,8 @@ def generate_rollout(model, prompts: list[list[int]], *, num_generations: int, m
                 continue
             outputs.append(out)
             start += prompts_per_call
-            bar.update(len(out))
-    bar.close()
+    if guard.seen is not None and guard.seen.item():
+        raise NonFiniteLogits("the model produced NaN or inf logits while sampling")
     T = max(o.shape[1] for o in outputs)
     completion_ids = torch.cat([_right_pad(o, T, pad_id) for o in outputs])  # (N, T)
     comp_mask, truncated = completion_mask(completion_ids, eos_ids)          # (N, T), (N,)

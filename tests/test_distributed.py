@@ -201,15 +201,15 @@ def test_one_rank_equals_plain_run(tmp_path):
     (["--prompts_per_step", "3"], "--prompts_per_step"),
     (["--prompts_per_step", "2", "--num_generations", "3", "--steps_per_generation", "2"], "--steps_per_generation"),
 ])
-def test_prompts_must_split_over_ranks(monkeypatch, args, flag):
+def test_prompts_must_split_over_ranks(monkeypatch, capsys, args, flag):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit) as e:
         train.configure(args)
-    assert flag in str(e.value)
+    assert e.value.code == 2 and flag in capsys.readouterr().err
 
 
-def test_fsdp_needs_torchrun(monkeypatch):
+def test_fsdp_needs_torchrun(monkeypatch, capsys):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(SystemExit) as e:
         train.configure(["--fsdp"])
-    assert "torchrun" in str(e.value)
+    assert e.value.code == 2 and "torchrun" in capsys.readouterr().err

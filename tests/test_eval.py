@@ -109,7 +109,8 @@ def test_end_to_end_on_the_tiny_model(tmp_path, shared_data, tiny_model_dir, cap
 @pytest.mark.parametrize("args,flag", [(["--model", "NoSuchFamily-7B"], "--model"),
                                        (["--model", "Qwen2.5-1.5B-Instruct", "--benchmarks", "nope"], "--benchmarks"),
                                        ([], "--model")])
-def test_bad_arguments_fail_before_loading(args, flag, tmp_path):
+def test_bad_arguments_fail_before_loading(args, flag, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(parse_config(EvalConfig, args + ["--output_dir", str(tmp_path)])[0])
-    assert flag in str(e.value)
+    [line] = capsys.readouterr().err.splitlines()
+    assert e.value.code == 2 and line.startswith("eval.py: error: ") and flag in line

@@ -1,6 +1,5 @@
 """train.py end to end on the tiny model: learning, the demo command, resume after a kill, bad input."""
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -168,17 +167,26 @@ def test_partial_and_corrupt_checkpoints_are_skipped(demo_run, tmp_path, capsys)
     (["--temperature", "0"], "--temperature"),
     (["--learning_rate", "-1"], "--learning_rate"),
 ])
-def test_bad_arguments_fail_before_loading_anything(args, flag):
+def test_bad_arguments_fail_before_loading_anything(args, flag, capsys):
     with pytest.raises(SystemExit) as e:
-        train.configure(args)
-    assert flag in str(e.value)
+        train.main(args)
+    assert e.value.code == 2 and flag in capsys.readouterr().err
 
 
-def test_prompt_that_leaves_no_room_for_completions(tiny_model_dir):
-    with pytest.raises(SystemExit) as e:
+def test_prompt_that_leaves_no_room_for_completions(tiny_model_dir, capsys):
+    with pytest.raises(SystemExit):
         train.configure(["--model", str(tiny_model_dir), "--data", "demo", "--max_prompt_length", "32760",
                          "--max_new_tokens", "1024"])
-    assert "no room for completion tokens" in str(e.value)
+    assert "no room for completion tokens" in capsys.readouterr().err
+
+
+def test_help_shows_the_tiny_preset_beside_the_papers_recipe(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.configure(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0
+    assert "(default: 16 (the tiny preset); paper's recipe: 512)" in text       # --prompts_per_step
+    assert "(default: 0.0002 (the tiny preset); paper's recipe: 1e-06)" in text  # --learning_rate
 
 
 def test_non_finite_steps_are_skipped_then_abort(tmp_path, monkeypatch):
@@ -194,6 +202,63 @@ def test_non_finite_steps_are_skipped_then_abort(tmp_path, monkeypatch):
     start = weights(tmp_path / "sft-init")
     saved = weights(tmp_path / "checkpoint-000002")
     assert all(torch.equal(start[k], saved[k]) for k in start)          # skipped steps changed nothing
+
+
+def test_lr_1e30_stops_without_saving_the_broken_weights(tmp_path):
+    """lr 1e30: the first optimizer step makes the weights useless (finite but huge: NaN losses, then NaN/inf
+    logits while sampling, which used to crash inside torch.multinomial). The run stops, saving nothing."""
+    with pytest.raises(SystemExit) as e:
+        train.main(["--output_dir", str(tmp_path), "--max_steps", "8", "--max_bad_steps", "2",
+                    "--learning_rate", "1e30", "--eval_data", "none"] + SHORT)
+    message = str(e.value)
+    assert "the weights themselves give NaN/inf, so they were not saved" in message
+    assert f"the last good ones are in {tmp_path / 'sft-init'}" in message and "--learning_rate (now 1e+30)" in message
+    assert not ckpt.list_checkpoints(tmp_path)
+
+
+def test_a_non_finite_warm_start_stops_before_writing_sft_init(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--output_dir", str(tmp_path), "--max_bad_steps", "2", "--eval_data", "none", *SHORT,
+                    "--sft_steps", "8", "--sft_learning_rate", "1e30"])
+    assert "aborting the warm start" in str(e.value) and "--sft_learning_rate" in str(e.value)
+    assert not (tmp_path / "sft-init").exists()
+
+
+def test_a_schedule_resumes_bit_identically(tmp_path):
+    """Cosine with warm-up over 4 steps; a run resumed from its step-2 checkpoint ends with the same weights
+    and the same per-step learning rates as the uninterrupted run."""
+    args = ["--max_steps", "4", "--lr_scheduler_type", "cosine", "--warmup_steps", "1", "--keep_checkpoints", "4",
+            "--eval_data", "none"] + SHORT
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    train.main(["--output_dir", str(whole)] + args)
+    shutil.copytree(whole, cut)
+    for step in (3, 4):
+        shutil.rmtree(cut / f"checkpoint-00000{step}")
+    train.main(["--output_dir", str(cut), "--resume", str(cut)] + args)
+    a, b = weights(whole / "checkpoint-000004"), weights(cut / "checkpoint-000004")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rates = [r["learning_rate"] for r in read_metrics(whole)]
+    assert rates == [r["learning_rate"] for r in read_metrics(cut)]
+    assert rates[0] == 0 and rates[1] == max(rates) and rates[1] > rates[2] > rates[3] > 0
+
+
+def test_a_resume_with_a_new_learning_rate_is_refused_then_allowed_and_in_effect(demo_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(demo_run, out)
+    args = ["--output_dir", str(out), "--resume", str(out), "--max_steps", "5", "--learning_rate", "0.01",
+            "--eval_data", "none"] + SHORT
+    before = snapshot(out)
+    with pytest.raises(SystemExit) as e:
+        train.main(args)
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "--learning_rate 0.01 where checkpoint-000004 has 0.0002" in line
+    assert "--allow_config_change" in line and snapshot(out) == before
+    train.main(args + ["--allow_config_change"])
+    last = read_metrics(out)[-1]
+    assert last["step"] == 5 and last["learning_rate"] == 0.01
+    assert last["config_change"] == {"learning_rate": [0.0002, 0.01]}
+    state = torch.load(out / "checkpoint-000005" / "trainer_state.pt", weights_only=True)
+    assert state["optimizer"]["param_groups"][0]["lr"] == 0.01
 
 
 # ---------------------------------------------------------------- never lose a run (issue 12)
