@@ -38,7 +38,9 @@ from grpo.model import check_model_source, load_model, load_tokenizer, resolve_m
 from grpo.report import StepLog, plot_rewards, trend
 from grpo.rollout import (NonFiniteLogits, Rollout, decode_completions, eos_token_ids, generate_rollout, left_pad,
                           pad_token_id)
-from rewards import RewardConfig, toolrl_reward
+from rewards import RewardConfig
+from rewards.custom import DEFAULT as DEFAULT_REWARD
+from rewards.custom import load_reward_fn, reward_terms, score_completions
 
 
 @dataclass
@@ -69,7 +71,9 @@ class Config:
     generation_batch_size: int = field(256, "sequences per generate call (halved automatically on OOM)")
     compile_generation: bool = field(False, "generate on a static KV cache with a torch.compile'd decode step "
                                             "(no shared prefix, no early exit of finished rows; docs/PERFORMANCE.md)")
-    # reward: ToolRL's three ablation axes (rewards/toolrl.py)
+    # reward: ToolRL's three ablation axes (rewards/toolrl.py), or your own function
+    reward_fn: str = field(DEFAULT_REWARD, "reward as module:function with toolrl_reward's signature and return "
+                                           "shape; every term but 'total' is logged as rewards/<term> (rewards/custom.py)")
     reward_length: str = field("none", "length reward", choices=["none", "fixed", "dynamic"])
     reward_scale: str = field("original", "reward scale", choices=["original", "equal_max", "two_stage", "dynamic"])
     reward_granularity: str = field("original", "correctness granularity",
@@ -180,6 +184,10 @@ def configure(argv=None) -> Config:
     for ok, message in checks:
         if not ok:
             fail(message)
+    try:
+        load_reward_fn(cfg.reward_fn)               # imports it now: a bad path fails before any model loads
+    except ValueError as e:
+        fail(str(e))
     if cfg.model != "tiny":
         try:
             resolve_model_name(cfg.model)
@@ -588,6 +596,7 @@ def train(cfg: Config, data: tuple[list, list | None], resumed: tuple[Path, dict
     B, G = cfg.prompts_per_step, cfg.num_generations
     steps_per_epoch = len(prompts) // B
     reward_cfg = RewardConfig(length=cfg.reward_length, scale=cfg.reward_scale, granularity=cfg.reward_granularity)
+    reward_fn = load_reward_fn(cfg.reward_fn)
     print(f"{len(prompts)} prompts ({n_truncated} truncated), {steps_per_epoch} steps per epoch | "
           f"{B} x {G} = {B * G} completions per step, {cfg.steps_per_generation} optimizer steps per rollout, "
           f"up to {B * G * cfg.max_new_tokens:,} completion tokens per step | device {device} x {dist.world_size()}")
@@ -630,7 +639,7 @@ def train(cfg: Config, data: tuple[list, list | None], resumed: tuple[Path, dict
 
         completions = decode_completions(tokenizer, rollout)                                     # B*G strings
         truths = [examples[i].ground_truth for i in batch for _ in range(G)]
-        scores = [toolrl_reward(c, gt, step, reward_cfg) for c, gt in zip(completions, truths)]
+        scores = score_completions(reward_fn, completions, truths, step, reward_cfg)             # B*G dicts
         rewards = torch.tensor([s["total"] for s in scores])                                    # (N,)
         advantages = group_advantages(rewards, G, scale=cfg.scale_rewards).to(device)           # (N,)
         t2 = time.perf_counter()
@@ -649,7 +658,7 @@ def train(cfg: Config, data: tuple[list, list | None], resumed: tuple[Path, dict
         metrics = {
             "step": step + 1, "epoch": epoch,
             "reward": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
-            **{f"rewards/{k}": sum(s[k] for s in scores) / len(scores) for k in ("format", "correctness", "length")},
+            **reward_terms(scores),                         # rewards/<term>: each named term's mean
             "frac_reward_zero_std": zero_std_fraction(all_rewards, G),
             "completion_length": lengths.mean().item(),
             "clipped_ratio": rollout.truncated.float().mean().item(),

@@ -22,8 +22,8 @@ class StepLog:
             atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start_step))
 
     def write(self, m: dict) -> None:
-        tqdm.write(f"step {m['step']:>5}/{self.max_steps} | reward {m['reward']:7.3f} ± {m['reward_std']:5.2f} | "
-              f"format {m['rewards/format']:5.2f} | correct {m['rewards/correctness']:6.2f} | "
+        terms = "".join(f"{k[len('rewards/'):]} {v:5.2f} | " for k, v in m.items() if k.startswith("rewards/"))
+        tqdm.write(f"step {m['step']:>5}/{self.max_steps} | reward {m['reward']:7.3f} ± {m['reward_std']:5.2f} | {terms}"
               f"kl {m['kl']:.4f} | len {m['completion_length']:6.1f} | grad {m['grad_norm']:6.3f} | "
               f"gen {m['time/generate']:5.1f}s upd {m['time/update']:5.1f}s | {m['tokens_per_second']:7.0f} tok/s")
         with open(self.metrics_path, "a") as f:
@@ -46,7 +46,7 @@ def trend(out: Path) -> str:
     if window == 0:
         return ""
     parts = []
-    for key in ("reward", "rewards/format", "rewards/correctness"):
+    for key in ["reward"] + [k for k in rows[0] if k.startswith("rewards/") and any(r.get(k) for r in rows)]:
         first = sum(r[key] for r in rows[:window]) / window
         last = sum(r[key] for r in rows[-window:]) / window
         parts.append(f"{key.split('/')[-1]} {first:.2f} -> {last:.2f}")
@@ -68,7 +68,7 @@ def plot_rewards(out: Path, heldout: dict[str, float] | None = None) -> Path | N
     fig, axes = plt.subplots(1, 2 if heldout else 1, figsize=(11 if heldout else 7, 4), squeeze=False,
                              gridspec_kw={"width_ratios": [2.2, 1]} if heldout else None)
     ax = axes[0, 0]
-    for key in ("reward", "rewards/format", "rewards/correctness", "rewards/length"):
+    for key in ["reward"] + [k for k in rows[0] if k.startswith("rewards/")]:          # the reward's own terms
         if any(r.get(key) for r in rows):
             values = [r[key] for r in rows]
             line, = ax.plot(steps, values, alpha=0.35, label=f"{key} (per step)")

@@ -189,14 +189,16 @@ def test_help_shows_the_tiny_preset_beside_the_papers_recipe(capsys):
     assert "(default: 0.0002 (the tiny preset); paper's recipe: 1e-06)" in text  # --learning_rate
 
 
-def test_non_finite_steps_are_skipped_then_abort(tmp_path, monkeypatch):
+def nan_reward(completion, ground_truth, step, config):
+    return {"format": float("nan"), "correctness": float("nan"), "total": float("nan")}
+
+
+def test_non_finite_steps_are_skipped_then_abort(tmp_path):
     """NaN rewards make the loss and gradient non-finite: each such step is skipped (weights untouched),
     and after --max_bad_steps in a row the run stops with a message, its checkpoint saved."""
-    nan = float("nan")
-    monkeypatch.setattr(train, "toolrl_reward", lambda *a, **k: {"format": nan, "correctness": nan,
-                                                                    "length": 0.0, "total": nan})
     with pytest.raises(SystemExit) as e:
-        train.main(["--output_dir", str(tmp_path), "--max_steps", "8", "--max_bad_steps", "2"] + SHORT)
+        train.main(["--output_dir", str(tmp_path), "--max_steps", "8", "--max_bad_steps", "2",
+                    "--reward_fn", f"{__name__}:nan_reward"] + SHORT)
     assert "non-finite" in str(e.value)
     assert [r["skipped"] for r in read_metrics(tmp_path)] == [2, 2]     # both optimizer steps of each rollout
     start = weights(tmp_path / "sft-init")
