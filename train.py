@@ -21,7 +21,7 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -38,6 +38,8 @@ from grpo.model import check_model_source, load_model, load_tokenizer, resolve_m
 from grpo.report import StepLog, plot_rewards, trend
 from grpo.rollout import (NonFiniteLogits, Rollout, decode_completions, eos_token_ids, generate_rollout, left_pad,
                           pad_token_id)
+from grpo.tracking import CHOICES as TRACKERS
+from grpo.tracking import missing_package, open_tracker
 from rewards import RewardConfig
 from rewards.custom import DEFAULT as DEFAULT_REWARD
 from rewards.custom import load_reward_fn, reward_terms, score_completions
@@ -56,7 +58,8 @@ class Config:
     resume: str | None = field(None, "output dir or checkpoint to continue from (newest usable checkpoint); "
                                      "--resume = --output_dir on a dir with no checkpoint yet starts fresh")
     overwrite_output_dir: bool = field(False, "delete the run already in --output_dir (checkpoints, metrics, "
-                                              "samples, plot, sft-init, eval) before starting a fresh one")
+                                              "samples, plot, sft-init, eval, tracker files) before starting a "
+                                              "fresh one")
     allow_config_change: bool = field(False, "let --resume continue with values that change the run's course (a "
                                              "new --learning_rate, ...); they take effect and metrics.jsonl logs them")
     skip_bad_rows: bool = field(False, "drop data rows that fail their checks (each listed) instead of stopping")
@@ -113,6 +116,8 @@ class Config:
     save_every: int = field(20, "checkpoint every N steps (and at the end)")
     keep_checkpoints: int = field(2, "checkpoints kept on disk (oldest removed)")
     log_samples_every: int = field(10, "write a few completions with their rewards every N steps")
+    report_to: str = field("none", "also send metrics, config and samples to this tracker (grpo/tracking.py)",
+                           choices=TRACKERS)
     # held-out evaluation at the end (eval.py's code: greedy decoding, the toolrl metrics)
     eval_data: str = field("auto", "held-out set on which the start, warm-start and final models are compared at "
                                    "the end: 'demo' (its test split), 'toolrl' (its test split), a ToolRL-format "
@@ -184,6 +189,8 @@ def configure(argv=None) -> Config:
     for ok, message in checks:
         if not ok:
             fail(message)
+    if message := missing_package(cfg.report_to):
+        fail(message)
     try:
         load_reward_fn(cfg.reward_fn)               # imports it now: a bad path fails before any model loads
     except ValueError as e:
@@ -235,7 +242,8 @@ def fail(message: str):
 
 
 # What a run writes into --output_dir (tiny-init/ is the same for every run and stays)
-RUN_FILES = ("train_config.json", "metrics.jsonl", "samples.jsonl", "reward_curves.png", "sft-init", "eval")
+RUN_FILES = ("train_config.json", "metrics.jsonl", "samples.jsonl", "reward_curves.png", "sft-init", "eval",
+             "tensorboard", "wandb")
 
 
 def holds_run(out: Path) -> bool:
@@ -600,7 +608,8 @@ def train(cfg: Config, data: tuple[list, list | None], resumed: tuple[Path, dict
     print(f"{len(prompts)} prompts ({n_truncated} truncated), {steps_per_epoch} steps per epoch | "
           f"{B} x {G} = {B * G} completions per step, {cfg.steps_per_generation} optimizer steps per rollout, "
           f"up to {B * G * cfg.max_new_tokens:,} completion tokens per step | device {device} x {dist.world_size()}")
-    log = StepLog(out, cfg.max_steps, start_step) if dist.rank() == 0 else None
+    tracker = open_tracker(cfg.report_to, out, asdict(cfg), start_step) if dist.rank() == 0 else None
+    log = StepLog(out, cfg.max_steps, start_step, tracker) if dist.rank() == 0 else None
     bad, start_model = BadSteps(cfg.max_bad_steps), str(resumed[0]) if resumed else ref_path
     bar = tqdm(total=cfg.max_steps, initial=start_step, desc="GRPO steps", unit="step", disable=dist.rank() > 0)
 
@@ -699,6 +708,7 @@ def train(cfg: Config, data: tuple[list, list | None], resumed: tuple[Path, dict
         print(f"\nnewest checkpoint: {final}\nmetrics: {out / 'metrics.jsonl'}"
               + (f"\nreward curves: {plot}" if plot else "")
               + (f"\nheld-out predictions: {out / 'eval'}" if exact else ""))
+        log.close()
 
 
 if __name__ == "__main__":

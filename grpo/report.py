@@ -15,8 +15,9 @@ class StepLog:
     are dropped, so the file always describes one consistent run.
     """
 
-    def __init__(self, out: Path, max_steps: int, start_step: int = 0):
+    def __init__(self, out: Path, max_steps: int, start_step: int = 0, tracker=None):
         self.metrics_path, self.samples_path, self.max_steps = out / "metrics.jsonl", out / "samples.jsonl", max_steps
+        self.tracker = tracker                   # --report_to (grpo/tracking.py): gets every row written here
         for path in (self.metrics_path, self.samples_path):
             rows = read_jsonl(path) if path.is_file() else []
             atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start_step))
@@ -28,14 +29,22 @@ class StepLog:
               f"gen {m['time/generate']:5.1f}s upd {m['time/update']:5.1f}s | {m['tokens_per_second']:7.0f} tok/s")
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(m) + "\n")
+        if self.tracker:
+            self.tracker.log(m, m["step"])
 
     def samples(self, step: int, requests: list[str], completions: list[str], truths: list[str],
                 scores: list[dict]) -> None:
         """Completions with what was asked (the user turn), the ground truth and the reward terms."""
+        rows = [{"step": step, "request": request, "completion": completion, "ground_truth": truth, **score}
+                for request, completion, truth, score in zip(requests, completions, truths, scores)]
         with open(self.samples_path, "a") as f:
-            for request, completion, truth, score in zip(requests, completions, truths, scores):
-                f.write(json.dumps({"step": step, "request": request, "completion": completion,
-                                    "ground_truth": truth, **score}) + "\n")
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        if self.tracker:
+            self.tracker.table("samples", rows, step)
+
+    def close(self) -> None:
+        if self.tracker:
+            self.tracker.close()
 
 
 def trend(out: Path) -> str:
