@@ -122,6 +122,9 @@ class Config:
     eval_data: str = field("auto", "held-out set on which the start, warm-start and final models are compared at "
                                    "the end: 'demo' (its test split), 'toolrl' (its test split), a ToolRL-format "
                                    "file, or 'none'; 'auto' = the test split of --data when it has one")
+    eval_every: int = field(0, "also evaluate the policy in memory on --eval_data every N GRPO steps and at the last "
+                               "(eval/... metrics, time/eval); 0 = only the end-of-run comparison")
+    eval_limit: int = field(0, "first N rows of --eval_data, during training and at the end; 0 = all")
 
 
 # `--model tiny`: a CPU-sized run of the same code. Fields given on the command line win.
@@ -129,7 +132,7 @@ TINY_PRESET = dict(
     data="demo", prompts_per_step=16, num_generations=8, max_prompt_length=512, max_new_tokens=96,
     temperature=1.0, max_steps=30, steps_per_generation=2, micro_batch_size=64, learning_rate=2e-4, beta=0.0,
     entropy_coef=0.0, gradient_checkpointing=False, sft_data="demo", sft_steps=600, sft_batch_size=16,
-    sft_learning_rate=3e-3, save_every=10, log_samples_every=10, cpu_threads=2,
+    sft_learning_rate=3e-3, save_every=10, log_samples_every=10, cpu_threads=2, eval_every=10,
 )
 
 
@@ -164,13 +167,18 @@ def configure(argv=None) -> Config:
         cfg = replace(cfg, data_split="train")
     if cfg.eval_data == "auto":
         cfg = replace(cfg, eval_data=cfg.data if cfg.data in ("toolrl", "demo") else "none")
+    if cfg.eval_data == "none" and cfg.eval_every:
+        if "eval_every" in given:
+            fail(f"--eval_every {cfg.eval_every} needs a held-out set: --eval_data is none")
+        cfg = replace(cfg, eval_every=0)            # the preset's, with nothing to evaluate
     for name in ("prompts_per_step", "max_prompt_length", "max_new_tokens", "generation_batch_size",
                  "max_steps", "steps_per_generation", "micro_batch_size", "logprob_chunk_size",
                  "save_every", "keep_checkpoints", "log_samples_every", "max_bad_steps", "sft_batch_size"):
         if getattr(cfg, name) <= 0:
             fail(f"--{name} must be positive, got {getattr(cfg, name)}")
     for name in ("learning_rate", "sft_learning_rate", "weight_decay", "beta", "entropy_coef", "epsilon",
-                 "epsilon_high", "sft_steps", "warmup_steps", "sft_warmup_steps", "cpu_threads"):
+                 "epsilon_high", "sft_steps", "warmup_steps", "sft_warmup_steps", "cpu_threads", "eval_every",
+                 "eval_limit"):
         if getattr(cfg, name) < 0:                  # NaN and inf were refused while parsing (grpo/cli.py)
             fail(f"--{name} must be >= 0, got {getattr(cfg, name)}")
     W, cores = dist.world_size(), len(os.sched_getaffinity(0))   # ranks (1 in a plain run); cores we may use
@@ -488,18 +496,37 @@ def stop_non_finite(cfg: Config, out: Path, step: int, model, tokenizer, optimiz
                      f"Try a lower {rates}.")
 
 
+def heldout_config(cfg: Config, device: str, models=(), output_dir: Path | str = ""):
+    """eval.py's config for --eval_data: the demo or toolrl benchmark (a file is scored as toolrl), with the run's
+    generation and prompt lengths and --eval_limit."""
+    from eval import EvalConfig
+    return EvalConfig(model=list(models), benchmarks="demo" if cfg.eval_data == "demo" else "toolrl",
+                      output_dir=str(output_dir), limit=cfg.eval_limit,
+                      toolrl_data="" if cfg.eval_data in ("demo", "toolrl") else cfg.eval_data,
+                      max_new_tokens=cfg.max_new_tokens, max_prompt_tokens=cfg.max_prompt_length, device=device,
+                      trust_remote_code=cfg.trust_remote_code)
+
+
+def evaluate_policy(model, tokenizer, items: list, config) -> dict[str, float]:
+    """--eval_every: the policy as it is in memory answers the held-out `items` greedily, scored and summarised by
+    eval.py's own code -> {"eval/<metric>": value, "time/eval": seconds}. generate_text switches the model to
+    eval() without gradient checkpointing for the generation and restores both after (grpo/rollout.py)."""
+    from eval import BENCHMARKS, generate
+    t0 = time.perf_counter()
+    benchmark = BENCHMARKS[config.benchmarks]
+    rows = [benchmark.score(item, output) for item, output in zip(items, generate(model, tokenizer, items, config))]
+    return {**{f"eval/{k}": v for k, v in benchmark.summarize(rows).items()}, "time/eval": time.perf_counter() - t0}
+
+
 def evaluate_heldout(cfg: Config, models: dict[str, str], output_dir: Path, device: str) -> dict[str, float] | None:
     """The paper's comparison in miniature: each of `models` ({label: path}) answers the held-out split greedily,
     scored by eval.py's own code (predictions and summary in output_dir, as `python eval.py --model ...` writes
     them). Prints one row per model; returns {label: exact match}."""
     if cfg.eval_data == "none":
         return None
-    from eval import EvalConfig, evaluate, paper_table, plain
-    benchmark = "demo" if cfg.eval_data == "demo" else "toolrl"
-    config = EvalConfig(model=list(models.values()), benchmarks=benchmark, output_dir=str(output_dir),
-                        toolrl_data="" if cfg.eval_data in ("demo", "toolrl") else cfg.eval_data,
-                        max_new_tokens=cfg.max_new_tokens, max_prompt_tokens=cfg.max_prompt_length, device=device,
-                        trust_remote_code=cfg.trust_remote_code)
+    from eval import evaluate, paper_table, plain
+    config = heldout_config(cfg, device, models.values(), output_dir)
+    benchmark = config.benchmarks
     summary = evaluate(config)
     print(f"\nheld-out {cfg.eval_data} set, greedy ({output_dir}):\n"
           + plain(paper_table(summary, benchmark, {path: label for label, path in models.items()})))
@@ -612,6 +639,10 @@ def train(cfg: Config, data: tuple[list, list | None], resumed: tuple[Path, dict
     log = StepLog(out, cfg.max_steps, start_step, tracker) if dist.rank() == 0 else None
     bad, start_model = BadSteps(cfg.max_bad_steps), str(resumed[0]) if resumed else ref_path
     bar = tqdm(total=cfg.max_steps, initial=start_step, desc="GRPO steps", unit="step", disable=dist.rank() > 0)
+    if cfg.eval_every:              # the held-out set, loaded once; every rank evaluates (FSDP gathers on all)
+        from eval import BENCHMARKS
+        eval_config = heldout_config(cfg, device)
+        eval_items = BENCHMARKS[eval_config.benchmarks].load(eval_config)
 
     # ---- the loop: sample -> score -> advantages -> update -> log -> save
     for step in range(start_step, cfg.max_steps):
@@ -661,6 +692,10 @@ def train(cfg: Config, data: tuple[list, list | None], resumed: tuple[Path, dict
             raise SystemExit(f"out of memory in the update: lower --micro_batch_size (now {cfg.micro_batch_size}), "
                              f"--max_new_tokens or --max_prompt_length") from e
         t3 = time.perf_counter()
+        heldout = {}
+        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps):
+            with dist.full_weights(policy), autocast():          # as the rollout: whole weights, bf16 on GPU
+                heldout = evaluate_policy(model, tokenizer, eval_items, eval_config)
 
         lengths = rollout.completion_mask.sum(1).float()
         all_rewards = dist.gather(rewards)                  # distributed: every rank's, for whole-batch statistics
@@ -674,6 +709,7 @@ def train(cfg: Config, data: tuple[list, list | None], resumed: tuple[Path, dict
             **stats, "learning_rate": learning_rate,
             "time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2, "time/step": t3 - t0,
             "tokens_per_second": rollout.attention_mask.sum().item() / (t3 - t0),
+            **heldout,                                      # eval/... and time/eval on --eval_every steps
         }
         if device == "cuda":
             metrics["memory/peak_gb"] = torch.cuda.max_memory_allocated() / 2**30

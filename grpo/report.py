@@ -27,6 +27,10 @@ class StepLog:
         tqdm.write(f"step {m['step']:>5}/{self.max_steps} | reward {m['reward']:7.3f} ± {m['reward_std']:5.2f} | {terms}"
               f"kl {m['kl']:.4f} | len {m['completion_length']:6.1f} | grad {m['grad_norm']:6.3f} | "
               f"gen {m['time/generate']:5.1f}s upd {m['time/update']:5.1f}s | {m['tokens_per_second']:7.0f} tok/s")
+        if "eval/reward" in m:                   # --eval_every: the held-out set, greedy
+            tqdm.write(f"eval {m['step']:>5}/{self.max_steps} | reward {m['eval/reward']:7.3f} | format "
+                       f"{m['eval/format_accuracy']:6.1%} | tool names {m['eval/name_accuracy']:6.1%} | exact match "
+                       f"{m['eval/exact_match']:6.1%} | {m['time/eval']:5.1f}s (held-out, greedy)")
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(m) + "\n")
         if self.tracker:
@@ -63,8 +67,9 @@ def trend(out: Path) -> str:
 
 
 def plot_rewards(out: Path, heldout: dict[str, float] | None = None) -> Path | None:
-    """reward_curves.png: total reward and its components against the step (needs matplotlib); with
-    `heldout` ({model label: exact match in [0, 1]}), a second panel of bars: held-out exact match per model."""
+    """reward_curves.png: total reward and its terms against the step (needs matplotlib); with --eval_every, a
+    panel of the held-out accuracies during training; with `heldout` ({model label: exact match in [0, 1]}), a
+    panel of bars: held-out exact match per model."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -74,8 +79,10 @@ def plot_rewards(out: Path, heldout: dict[str, float] | None = None) -> Path | N
         return None
     rows = read_jsonl(out / "metrics.jsonl")
     steps = [r["step"] for r in rows]
-    fig, axes = plt.subplots(1, 2 if heldout else 1, figsize=(11 if heldout else 7, 4), squeeze=False,
-                             gridspec_kw={"width_ratios": [2.2, 1]} if heldout else None)
+    evals = [r for r in rows if "eval/exact_match" in r]              # --eval_every steps
+    panels = 1 + bool(evals) + bool(heldout)
+    fig, axes = plt.subplots(1, panels, figsize=(7 + 4 * (panels - 1), 4), squeeze=False,
+                             gridspec_kw={"width_ratios": [2.2] + [1] * (panels - 1)})
     ax = axes[0, 0]
     for key in ["reward"] + [k for k in rows[0] if k.startswith("rewards/")]:          # the reward's own terms
         if any(r.get(key) for r in rows):
@@ -87,8 +94,17 @@ def plot_rewards(out: Path, heldout: dict[str, float] | None = None) -> Path | N
     ax.set_ylabel("mean reward of the step's completions")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
+    if evals:
+        during = axes[0, 1]
+        for key in ("eval/format_accuracy", "eval/name_accuracy", "eval/exact_match"):
+            during.plot([r["step"] for r in evals], [100 * r[key] for r in evals], marker="o", label=key)
+        during.set_ylim(0, 105)
+        during.set_xlabel("GRPO step")
+        during.set_ylabel("held-out test split, greedy (%)")
+        during.legend(fontsize=8)
+        during.grid(alpha=0.3)
     if heldout:
-        bars = axes[0, 1]
+        bars = axes[0, -1]
         labels, values = [label.split(" (")[0] for label in heldout], [100 * v for v in heldout.values()]
         bars.bar(labels, values, color=["0.6", "tab:blue", "tab:green", "tab:orange"][:len(labels)])
         for i, v in enumerate(values):

@@ -154,21 +154,25 @@ def read_metrics(out: Path) -> list[dict]:
 
 
 def test_torchrun_ddp_run(tmp_path):
-    """The real launcher, as a user runs it: 2 ranks, DDP, 2 steps."""
+    """The real launcher, as a user runs it: 2 ranks, DDP, 2 steps, evaluating 4 held-out rows at step 2."""
     from transformers import AutoModelForCausalLM
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
-           str(REPO / "train.py"), "--output_dir", str(tmp_path), "--max_steps", "2", *SHORT]
+           str(REPO / "train.py"), "--output_dir", str(tmp_path), "--max_steps", "2", *SHORT, "--eval_data", "demo",
+           "--eval_every", "2", "--eval_limit", "4", "--report_to", "tensorboard"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("step     1/2") == 1                                    # rank 0 alone logs
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    assert "eval/exact_match" in read_metrics(tmp_path)[1]
+    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 1  # rank 0 alone reports
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint-000002") is not None
 
 
 def test_fsdp_run_then_resume_in_one_process(tmp_path):
     """FSDP2 on 2 ranks saves whole tensors (not its shards), and one process resumes from them."""
     from transformers import AutoModelForCausalLM
-    run_ranks(WORLD, train.main, ["--output_dir", str(tmp_path), "--max_steps", "1", "--fsdp"] + SHORT)
+    run_ranks(WORLD, train.main, ["--output_dir", str(tmp_path), "--max_steps", "1", "--fsdp"] + SHORT +
+              ["--eval_data", "demo", "--eval_every", "1", "--eval_limit", "4"])   # evaluating on gathered weights
     checkpoint = tmp_path / "checkpoint-000001"
     model = AutoModelForCausalLM.from_pretrained(checkpoint)
     assert load_file(checkpoint / "model.safetensors").keys() == dict(model.named_parameters()).keys()  # tied: once
@@ -176,6 +180,7 @@ def test_fsdp_run_then_resume_in_one_process(tmp_path):
     assert {k: v["exp_avg"].shape for k, v in state.items()} == {k: p.shape for k, p in model.named_parameters()}
     train.main(["--output_dir", str(tmp_path), "--resume", str(tmp_path), "--max_steps", "2"] + SHORT)
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    assert "eval/exact_match" in read_metrics(tmp_path)[0]
 
 
 def test_one_rank_equals_plain_run(tmp_path):
