@@ -61,3 +61,13 @@ def test_eval_every_needs_a_held_out_set(capsys):
     assert e.value.code == 2 and "--eval_every 5 needs a held-out set" in capsys.readouterr().err
     assert train.configure(["--eval_data", "none"]).eval_every == 0   # the tiny preset's 10, with nothing to run
     assert train.configure([]).eval_every == 10 and train.configure(["--model", "x/y"]).eval_every == 0
+
+
+def test_evaluating_does_not_change_the_run(eval_run, tmp_path):
+    """The same 3 steps without --eval_every: the same weights and rewards (greedy decoding draws no random
+    numbers, and every step reseeds its sampling anyway)."""
+    from safetensors.torch import load_file
+    train.main(["--output_dir", str(tmp_path), "--max_steps", "3", "--eval_data", "none"] + SHORT)
+    a, b = (load_file(run / "checkpoint-000003" / "model.safetensors") for run in (eval_run, tmp_path))
+    assert all(a[k].equal(b[k]) for k in a)
+    assert [r["reward"] for r in read_metrics(tmp_path)] == [r["reward"] for r in read_metrics(eval_run)]
