@@ -142,7 +142,7 @@ TINY_PRESET = dict(
 FREE_ON_RESUME = {"output_dir", "resume", "overwrite_output_dir", "allow_config_change", "trust_remote_code",
                   "cpu_threads", "fsdp", "generation_batch_size", "compile_generation", "micro_batch_size",
                   "gradient_checkpointing", "logprob_chunk_size", "save_every", "keep_checkpoints",
-                  "log_samples_every", "eval_data", "max_steps"}
+                  "log_samples_every", "eval_data", "max_steps", "report_to", "eval_every", "eval_limit"}
 NOT_IN_CONFIG_FILE = ("resume", "overwrite_output_dir", "allow_config_change")   # what to do, not what the run is
 
 

@@ -99,3 +99,12 @@ def test_a_reward_that_raises_stops_the_run(tmp_path):
         train.main(["--output_dir", str(tmp_path), "--max_steps", "2", "--eval_data", "none",
                     "--reward_fn", f"{HERE}:third_call_fails"] + SHORT)
     assert not (tmp_path / "metrics.jsonl").read_text()     # stopped in the first step, before logging it
+
+
+def test_a_resume_may_change_the_tracker_and_evaluation_but_not_the_reward():
+    from dataclasses import asdict
+    cfg = train.configure(["--report_to", "tensorboard", "--eval_every", "5", "--eval_limit", "20",
+                           "--reward_fn", f"{HERE}:brace_reward"])
+    saved = {**asdict(cfg), "report_to": "none", "eval_every": 10, "eval_limit": 0,
+             "reward_fn": "rewards.toolrl:toolrl_reward"}
+    assert train.config_changes(saved, cfg) == {"reward_fn": ["rewards.toolrl:toolrl_reward", f"{HERE}:brace_reward"]}
