@@ -167,7 +167,7 @@ def configure(argv=None) -> Config:
         cfg = replace(cfg, data_split="train")
     if cfg.eval_data == "auto":
         cfg = replace(cfg, eval_data=cfg.data if cfg.data in ("toolrl", "demo") else "none")
-    if cfg.eval_data == "none" and cfg.eval_every:
+    if cfg.eval_data == "none" and cfg.eval_every > 0:  # (a negative value is refused below)
         if "eval_every" in given:
             fail(f"--eval_every {cfg.eval_every} needs a held-out set: --eval_data is none")
         cfg = replace(cfg, eval_every=0)            # the preset's, with nothing to evaluate
