@@ -45,7 +45,7 @@ from data.formats import ground_truth_calls
 from data.jsonl import read_jsonl
 from grpo.cli import config_json, field, parse_config
 from grpo.io import atomic_path, atomic_write_text
-from grpo.model import check_model_source, load_model_and_tokenizer
+from grpo.model import check_model_source, load_model_and_tokenizer, use_bf16
 from grpo.rollout import generate_text
 from rewards import RewardConfig, toolrl_reward
 from rewards import apibank, bfcl
@@ -74,6 +74,8 @@ class EvalConfig:
     max_prompt_tokens: int = field(8192, "longer prompts are cut from the left (counted and reported)")
     batch_size: int = field(16, "prompts per generate call; prompts are sorted by length to limit padding")
     device: str = field("auto", "cuda, cpu or auto (cuda when available)")
+    bf16: str = field("auto", "load the weights in bf16 (inference only: no master weights to keep); auto = on for "
+                              "CUDA, float32 on a CPU", choices=["auto", "true", "false"])
     trust_remote_code: bool = field(False, "let transformers run code shipped with the model")
     rescore: bool = field(False, "re-score existing predictions.jsonl files instead of generating")
     skip_bad_rows: bool = field(False, "drop data rows that fail their checks (each listed) instead of stopping")
@@ -266,7 +268,8 @@ def evaluate_model(name: str, benchmarks: dict[str, list], config: EvalConfig) -
     rescored = {predictions path: rows} that --rescore has yet to write."""
     model = tokenizer = None
     if not config.rescore:
-        model, tokenizer = load_model_and_tokenizer(name, device=config.device,
+        dtype = torch.bfloat16 if use_bf16(config.bf16, config.device) else torch.float32
+        model, tokenizer = load_model_and_tokenizer(name, device=config.device, dtype=dtype,
                                                     trust_remote_code=config.trust_remote_code)
     results, rescored = {}, {}
     for benchmark, items in benchmarks.items():

@@ -34,7 +34,8 @@ from grpo.cli import FALSE_WORDS, TRUE_WORDS, config_json, field, parse_config
 from grpo.io import atomic_path, atomic_write_text, remove
 from grpo.logprobs import CompletionLogprobs
 from grpo.loss import group_advantages, grpo_token_loss, masked_sum, zero_std_fraction
-from grpo.model import check_model_source, load_model, load_tokenizer, resolve_model_name, set_checkpointing
+from grpo.model import (bf16_autocast, check_model_source, load_model, load_tokenizer, resolve_model_name,
+                        set_checkpointing, use_bf16)
 from grpo.report import StepLog, plot_rewards, trend
 from grpo.rollout import (NonFiniteLogits, Rollout, decode_completions, eos_token_ids, generate_rollout, left_pad,
                           pad_token_id)
@@ -65,6 +66,9 @@ class Config:
     skip_bad_rows: bool = field(False, "drop data rows that fail their checks (each listed) instead of stopping")
     trust_remote_code: bool = field(False, "allow model code from the hub (off: only transformers' own code runs)")
     cpu_threads: int = field(0, "torch's CPU threads (0: its default, one per core)")
+    bf16: str = field("auto", "bf16 autocast over float32 master weights and AdamW state, and a bf16 reference model "
+                              "(rollout, log-probs, update, warm start, eval); auto = on for CUDA, off on a CPU",
+                      choices=["auto", "true", "false"])
     # rollout
     prompts_per_step: int = field(512, "prompts per rollout batch (B)")
     num_generations: int = field(4, "completions per prompt (G); advantages are relative within these")
@@ -496,15 +500,15 @@ def stop_non_finite(cfg: Config, out: Path, step: int, model, tokenizer, optimiz
                      f"Try a lower {rates}.")
 
 
-def heldout_config(cfg: Config, device: str, models=(), output_dir: Path | str = ""):
+def heldout_config(cfg: Config, device: str, models=(), output_dir: Path | str = "", bf16: bool = False):
     """eval.py's config for --eval_data: the demo or toolrl benchmark (a file is scored as toolrl), with the run's
-    generation and prompt lengths and --eval_limit."""
+    generation and prompt lengths, --eval_limit and precision."""
     from eval import EvalConfig
     return EvalConfig(model=list(models), benchmarks="demo" if cfg.eval_data == "demo" else "toolrl",
                       output_dir=str(output_dir), limit=cfg.eval_limit,
                       toolrl_data="" if cfg.eval_data in ("demo", "toolrl") else cfg.eval_data,
                       max_new_tokens=cfg.max_new_tokens, max_prompt_tokens=cfg.max_prompt_length, device=device,
-                      trust_remote_code=cfg.trust_remote_code)
+                      bf16="true" if bf16 else "false", trust_remote_code=cfg.trust_remote_code)
 
 
 def evaluate_policy(model, tokenizer, items: list, config) -> dict[str, float]:
@@ -518,14 +522,15 @@ def evaluate_policy(model, tokenizer, items: list, config) -> dict[str, float]:
     return {**{f"eval/{k}": v for k, v in benchmark.summarize(rows).items()}, "time/eval": time.perf_counter() - t0}
 
 
-def evaluate_heldout(cfg: Config, models: dict[str, str], output_dir: Path, device: str) -> dict[str, float] | None:
+def evaluate_heldout(cfg: Config, models: dict[str, str], output_dir: Path, device: str,
+                     bf16: bool) -> dict[str, float] | None:
     """The paper's comparison in miniature: each of `models` ({label: path}) answers the held-out split greedily,
     scored by eval.py's own code (predictions and summary in output_dir, as `python eval.py --model ...` writes
     them). Prints one row per model; returns {label: exact match}."""
     if cfg.eval_data == "none":
         return None
     from eval import evaluate, paper_table, plain
-    config = heldout_config(cfg, device, models.values(), output_dir)
+    config = heldout_config(cfg, device, models.values(), output_dir, bf16)
     benchmark = config.benchmarks
     summary = evaluate(config)
     print(f"\nheld-out {cfg.eval_data} set, greedy ({output_dir}):\n"
@@ -575,8 +580,10 @@ def train(cfg: Config, data: tuple[list, list | None], resumed: tuple[Path, dict
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    # bf16 compute on GPU with float32 master weights and AdamW state (trap 7); plain float32 on CPU.
-    autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")  # noqa: E731
+    # bf16 compute with float32 master weights and AdamW state (trap 7), on the device's own autocast; --bf16
+    # auto: on for CUDA, plain float32 on a CPU.
+    bf16 = use_bf16(cfg.bf16, device)
+    autocast = bf16_autocast(device, bf16)
 
     # ---- model, reference, data
     model_path = cfg.model
@@ -611,7 +618,7 @@ def train(cfg: Config, data: tuple[list, list | None], resumed: tuple[Path, dict
             dist.barrier()
     ref_policy = None
     if cfg.beta > 0:
-        ref_model = load_model(ref_path, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32,
+        ref_model = load_model(ref_path, device=device, dtype=torch.bfloat16 if bf16 else torch.float32,
                                trust_remote_code=cfg.trust_remote_code).eval().requires_grad_(False)
         ref_policy = CompletionLogprobs(ref_model, cfg.logprob_chunk_size)
 
@@ -659,7 +666,7 @@ def train(cfg: Config, data: tuple[list, list | None], resumed: tuple[Path, dict
         problem = None if finite_weights(model) else "weights"
         if problem is None:
             try:
-                # bf16 on GPU, as the update computes: decoding reads half the bytes of the float32 master
+                # bf16 (--bf16), as the update computes: decoding reads half the bytes of the float32 master
                 # weights, and autocast casts each weight once per rollout (its cache lives as long as this
                 # block). distributed: FSDP gathers its shards once for the whole rollout.
                 with dist.full_weights(policy), autocast():
@@ -738,7 +745,7 @@ def train(cfg: Config, data: tuple[list, list | None], resumed: tuple[Path, dict
         if cfg.sft_steps:
             models[f"warm start ({Path(ref_path).name})"] = ref_path
         models[f"GRPO ({final.name})"] = str(final)
-        exact = evaluate_heldout(cfg, models, out / "eval", device)
+        exact = evaluate_heldout(cfg, models, out / "eval", device, bf16)
         plot = plot_rewards(out, exact)
         print(trend(out))
         print(f"\nnewest checkpoint: {final}\nmetrics: {out / 'metrics.jsonl'}"

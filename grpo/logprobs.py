@@ -36,20 +36,28 @@ class _ChunkLogprobs(torch.autograd.Function):
     logp and entropy (all but weight of size m); the entropy's pass is skipped when the loss does not use it."""
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, hidden, targets, weight, temperature):
         ctx.set_materialize_grads(False)                                     # None, not zeros, for unused outputs
+        # What torch.amp.custom_fwd records, for the device the tensors are on (custom_fwd names one device type
+        # when the class is defined): backward then runs under the autocast state forward ran under.
+        device = hidden.device.type
+        ctx.autocast = dict(device_type=device, enabled=torch.is_autocast_enabled(device),
+                            dtype=torch.get_autocast_dtype(device))
         logp, entropy = _chunk_logprobs(hidden, targets, weight, temperature)
         ctx.save_for_backward(hidden, targets, weight, logp, entropy)
         ctx.temperature = temperature
         return logp, entropy
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")                                # backward under forward's autocast
     def backward(ctx, grad_logp, grad_entropy):
-        hidden, targets, weight, logp, entropy = ctx.saved_tensors
         if grad_logp is None and grad_entropy is None:
             return None, None, None, None
+        with torch.autocast(**ctx.autocast):                                 # backward under forward's autocast
+            return _ChunkLogprobs._backward(ctx, grad_logp, grad_entropy)
+
+    @staticmethod
+    def _backward(ctx, grad_logp, grad_entropy):
+        hidden, targets, weight, logp, entropy = ctx.saved_tensors
         tau = ctx.temperature
         z = F.linear(hidden, weight).float().div_(tau)                       # (m, V) recomputed
         logz = z.gather(-1, targets[:, None]).squeeze(-1) - logp             # (m,) = logsumexp(z)

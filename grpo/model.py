@@ -74,11 +74,24 @@ def load_model(name_or_path: str, *, device: str = "cpu", dtype: torch.dtype = t
 
 def load_model_and_tokenizer(name_or_path: str, *, device: str = "cpu", dtype: torch.dtype | None = None,
                              trust_remote_code: bool = False):
-    """(model, tokenizer) in eval mode; dtype defaults to bf16 on CUDA, float32 elsewhere."""
+    """(model, tokenizer) in eval mode; dtype defaults to bf16 on CUDA, float32 elsewhere (use_bf16's auto)."""
     if dtype is None:
-        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+        dtype = torch.bfloat16 if use_bf16("auto", device) else torch.float32
     model = load_model(name_or_path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     return model.eval(), load_tokenizer(name_or_path, trust_remote_code)
+
+
+def use_bf16(setting: str, device: str) -> bool:
+    """--bf16 auto|true|false -> whether to compute in bf16. auto is on for CUDA only (TRL's default): a CPU's bf16
+    speed depends on its instructions (AMX, AVX512-BF16), and the float32 demo is the documented one there."""
+    return setting == "true" or (setting == "auto" and str(device).startswith("cuda"))
+
+
+def bf16_autocast(device: str, enabled: bool):
+    """A factory of autocast contexts: bf16 matrix products over float32 master weights (GRPO_NOTES trap 7), on
+    the device's own autocast ("cuda" or "cpu"); enabled=False gives plain float32."""
+    device_type = torch.device(device).type
+    return lambda: torch.autocast(device_type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def set_checkpointing(model, enabled: bool) -> None:
