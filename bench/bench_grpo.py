@@ -40,9 +40,13 @@ import torch  # noqa: E402
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 from grpo.cli import field, parse_config  # noqa: E402
+from grpo.model import bf16_autocast, use_bf16  # noqa: E402
+from memory import plan, print_plan, sizes  # noqa: E402
 
 # Architectures. qwen2.5-1.5b: Qwen/Qwen2.5-1.5B-Instruct's config.json (1.544B parameters).
 ARCHITECTURES = {
+    "qwen2.5-0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         intermediate_size=4864, vocab_size=151936, rope_theta=1e6, max_position_embeddings=32768),
     "qwen2.5-1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
                          intermediate_size=8960, vocab_size=151936, rope_theta=1e6, max_position_embeddings=32768),
     "qwen2-small": dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -105,7 +109,7 @@ class Bench:
                            choices=["reserve", "cat"])
     only_generation: bool = field(False, "stop each step after generation and reward (to measure generation levers)")
     empty_cache: bool = field(False, "ours, lever (CUDA): release the generation's cached blocks before the update")
-    generation_autocast: bool = field(True, "ours on CUDA: generate under bf16 autocast as train.py does (false: "
+    generation_autocast: bool = field(True, "ours under --bf16: generate under bf16 autocast as train.py does (false: "
                                             "from the float32 master weights, the A/B baseline)")
     bandwidth_gbs: float | None = field(None, "memory bandwidth for the decode limit; default: a measured copy")
     floor_only: bool = field(False, "print the physical floor of the nominal workload and exit (no model is run)")
@@ -118,6 +122,7 @@ class Bench:
     rounds: int = field(1, "with --vs: alternate ours/TRL this many times, each in a fresh process")
     engine: str = field("ours", "which engine this process runs (--vs starts one process per engine)",
                         choices=["ours", "trl"])
+    bf16: str = field("auto", "ours: bf16 autocast as train.py --bf16 (auto = on for CUDA)", choices=["auto", "true", "false"])
     json: str | None = field(None, "write the results here as JSON")
     seed: int = field(0, "weights, prompts and sampling")
 
@@ -300,8 +305,9 @@ def run_ours(bc: Bench, device: str) -> dict:
     model.train()
     policy = CompletionLogprobs(model, bc.logprob_chunk_size)
     ref_policy = None
-    if bc.beta > 0:                       # train.py: a frozen copy, bf16 on CUDA
-        ref = build_model(bc, device).to(torch.bfloat16 if device == "cuda" else torch.float32)
+    bf16 = use_bf16(bc.bf16, device)
+    if bc.beta > 0:                       # train.py: a frozen copy, bf16 under --bf16
+        ref = build_model(bc, device).to(torch.bfloat16 if bf16 else torch.float32)
         ref_policy = CompletionLogprobs(ref.eval().requires_grad_(False), bc.logprob_chunk_size)
     cfg = replace(train.Config(), prompts_per_step=bc.prompts, num_generations=bc.num_generations,
                   max_new_tokens=bc.completion_tokens, micro_batch_size=bc.micro_batch_size, beta=bc.beta,
@@ -309,7 +315,7 @@ def run_ours(bc: Bench, device: str) -> dict:
                   gradient_checkpointing=bc.gradient_checkpointing, skip_zero_advantage=bc.skip_zero_advantage,
                   logprob_chunk_size=bc.logprob_chunk_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")  # noqa: E731
+    autocast = bf16_autocast(device, bf16)
     V = model.config.vocab_size
     if bc.ignore_eos:
         eos_ids = [V]                     # an id the model cannot sample: no completion ends early
@@ -336,7 +342,7 @@ def run_ours(bc: Bench, device: str) -> dict:
 
         memory.reset()
         torch.manual_seed(bc.seed * 1_000_000 + step * 1_000)             # train.py's sampling stream
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda" and bc.generation_autocast):
+        with bf16_autocast(device, bf16 and bc.generation_autocast)():
             kwargs = dict(num_generations=G, max_new_tokens=bc.completion_tokens, temperature=cfg.temperature,
                           eos_ids=eos_ids, pad_id=pad_token_id(tok), batch_size=bc.generation_batch_size)
             batch = prompts[step * B:(step + 1) * B]
@@ -488,18 +494,6 @@ def run_trl(bc: Bench, device: str) -> dict:
 
 
 # ---------------------------------------------------------------- report
-def sizes(model_config) -> dict:
-    c = model_config
-    head_dim = c.hidden_size // c.num_attention_heads
-    n_head = c.vocab_size * c.hidden_size                                    # the (tied) LM head
-    n_body = (c.num_hidden_layers * (c.hidden_size * head_dim * (c.num_attention_heads * 2 + c.num_key_value_heads * 2)
-                                     + head_dim * (c.num_attention_heads + 2 * c.num_key_value_heads)   # q/k/v bias
-                                     + 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size)
-              + c.hidden_size)                                                # final norm
-    kv_elements = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim  # per token
-    return dict(n_head=n_head, n_body=n_body, kv_elements=kv_elements)
-
-
 def median_over_steps(steps: list[dict], key: str) -> dict:
     return {k: statistics.median(s[key][k] for s in steps) for k in steps[0][key]}
 
@@ -531,75 +525,12 @@ def floor_terms(bc: Bench, P: list[int], T: list[int], update_rows: list[bool], 
 
 
 def memory_plan(bc: Bench, P: list[int], T: list[int], device: str) -> dict:
-    """The memory each phase should peak at, term by term (GB), for rows with prompt lengths P and completion
-    lengths T (prompt-major): the plan that measured peaks are read against. a = bytes per activation value
-    (bf16 under CUDA autocast, float32 on CPU); I = intermediate size, H = hidden size, V = vocabulary.
-
-    state        float32 weights + AdamW's two float32 moments, 12 bytes per parameter (measured steps come after
-                 the first optimizer step, so the moments exist)
-    grads        float32 gradients, 4 bytes per parameter, from the first backward to the optimizer step
-    casts        CUDA: autocast's bf16 copy of every weight (2 bytes per parameter), held for a whole rollout
-                 and within each forward of the update
-    reference    the frozen reference model when beta > 0 (bf16 on CUDA, as train.py loads it)
-    kv_cache     K and V of every layer for the rows of one generation call (--generation_batch_size), each with
-                 its prompt (padded to the longest) + completion + one segment of reserved room (grpo.rollout).
-                 V at a bytes; K at 4 on CUDA too: the rotary cos/sin follow the float32 residual stream, so under
-                 autocast the rotated keys are float32 (seen on CPU autocast, the same type promotion)
-    prefill      one layer's MLP values (gate, up, their product: 3 I) for the prompt tokens of one call
-    sampling     each decode step's float32 logits and probabilities, (rows of one call, V)
-    checkpoints  each layer's input for the longest micro-batch, float32 (the residual stream stays float32)
-    layer        one decoder layer's activations while it is recomputed and back-propagated, and their
-                 gradients: about 2 (4 I + 10 H) values per token of that micro-batch
-    lm_head      one chunk of completion tokens' logits: (m, V) at a bytes, then three float32 (m, V) temporaries
-    adamw_step   torch's foreach AdamW: one float32 temporary the size of the parameters during the step
-
-    generation = state + casts + reference + kv_cache + prefill + sampling; the update peaks in backward (state
-    + grads + casts + reference + checkpoints + layer + lm_head) or in the optimizer step (state + grads +
-    adamw_step), whichever is larger. The state terms are exact (tested against the tensors); the activation
-    terms are estimates for the GPU run to confirm."""
-    c = Qwen2Config(**ARCHITECTURES[bc.config])
-    s = sizes(c)
-    n, a, G = s["n_body"] + s["n_head"], (2 if device == "cuda" else 4), bc.num_generations
-    H, I, V, layers = c.hidden_size, c.intermediate_size, c.vocab_size, c.num_hidden_layers
-    from grpo.rollout import SEGMENT_TOKENS
-    rows = len(P)
-    prompts_per_call = min(rows // G, max(1, bc.generation_batch_size // G))
-    live = prompts_per_call * G                                  # rows of one generation call
-    segment = bc.segment_tokens or SEGMENT_TOKENS
-    longest = max(P) + max(T)                                    # the longest micro-batch: one prompt's G rows
-    mb = min(bc.micro_batch_size, rows)
-    chunk = min(bc.logprob_chunk_size, mb * max(T))
-    terms = dict(state=12 * n, grads=4 * n, casts=2 * n if device == "cuda" else 0,
-                 reference=(2 if device == "cuda" else 4) * n if bc.beta > 0 else 0,
-                 kv_cache=s["kv_elements"] // 2 * (4 + a) * live * (max(P) + max(T) + segment),
-                 prefill=3 * I * a * prompts_per_call * max(P),
-                 sampling=2 * 4 * live * V,
-                 checkpoints=layers * mb * longest * H * 4 if bc.gradient_checkpointing else 0,
-                 layer=2 * (4 * I + 10 * H) * a * mb * longest * (1 if bc.gradient_checkpointing else layers),
-                 lm_head=chunk * V * (a + 3 * 4),
-                 adamw_step=4 * n)
-    t = {k: v / 1e9 for k, v in terms.items()}
-    generation = t["state"] + t["casts"] + t["reference"] + t["kv_cache"] + t["prefill"] + t["sampling"]
-    backward = t["state"] + t["grads"] + t["casts"] + t["reference"] + t["checkpoints"] + t["layer"] + t["lm_head"]
-    update = max(backward, t["state"] + t["grads"] + t["adamw_step"])
-    return dict(terms=t, generation=generation, update=update, peak=max(generation, update))
-
-
-def print_memory_plan(plan: dict, measured: dict | None = None) -> None:
-    """One line per phase: the plan's GB (its terms) and, where measured, the phase's measured peak against it."""
-    t = plan["terms"]
-    total = lambda names: sum(t[k] for k in names)                                          # noqa: E731
-    listed = lambda names: " + ".join(f"{k} {t[k]:.2f}" for k in names if t[k])              # noqa: E731
-    generation = ("state", "casts", "reference", "kv_cache", "prefill", "sampling")
-    backward = ("state", "grads", "casts", "reference", "checkpoints", "layer", "lm_head")
-    step = ("state", "grads", "adamw_step")
-    lines = {"generation": listed(generation),
-             "update": f"the larger of backward {total(backward):.2f} ({listed(backward)}) and the optimizer step "
-                       f"{total(step):.2f} ({listed(step)})"}
-    for phase, terms in lines.items():
-        seen = (f"measured {measured[phase]:.2f} GB = {measured[phase] / plan[phase]:.2f} of "
-                if measured and phase in measured else "")
-        print(f"memory plan, {phase}: {seen}{plan[phase]:.2f} GB planned: {terms}")
+    """bench/memory.py's plan (every term documented there) for this workload: one optimizer step per rollout, so no
+    old log-probs pass; bf16 as --bf16 resolves on `device`."""
+    return plan(Qwen2Config(**ARCHITECTURES[bc.config]), P, T, num_generations=bc.num_generations,
+                micro_batch_size=bc.micro_batch_size, generation_batch_size=bc.generation_batch_size,
+                logprob_chunk_size=bc.logprob_chunk_size, beta=bc.beta, gradient_checkpointing=bc.gradient_checkpointing,
+                bf16=use_bf16(bc.bf16, device), old_logprobs=False, segment=bc.segment_tokens or None)
 
 
 def print_floor(f: dict) -> None:
@@ -622,7 +553,7 @@ def hardware(bc: Bench, device: str) -> tuple[float, str, float]:
 def report(bc: Bench, result: dict, device: str) -> dict:
     """Per phase: median time, tokens/s and peak memory; then MFU, decode-limit fraction and the floor."""
     peak, peak_source, bandwidth = hardware(bc, device)
-    gen_bytes = 2 if device == "cuda" else 4                                 # bf16 on GPU, fp32 on CPU
+    gen_bytes = 2 if use_bf16(bc.bf16, device) else 4                        # bf16 or float32 weights read
     steps = result["steps"]
     times, peaks = median_over_steps(steps, "time"), median_over_steps(steps, "peak_gb")
     step_time = statistics.median(sum(st["time"].values()) for st in steps)
@@ -656,7 +587,7 @@ def report(bc: Bench, result: dict, device: str) -> dict:
         print_floor(f)
         print(f"ours is {step_time / f['floor']:.1f}x the floor")
     plan = memory_plan(bc, P, T, device)
-    print_memory_plan(plan, peaks if device == "cuda" else None)    # CPU: RSS counts torch's libraries too
+    print_plan(plan, peaks if device == "cuda" else None)    # CPU: RSS counts torch's libraries too (bench/memory.py)
     return dict(step_time=step_time, phases=times, peak_gb=result["peak_gb"], phase_peak_gb=peaks, mfu=mfu, hfu=hfu,
                 generation_fraction=gen_fraction, floor=f["floor"], floor_terms=f["terms"], peak_flops=peak,
                 peak_source=peak_source, bandwidth=bandwidth, mean_completion_tokens=sum(T) / len(T),
@@ -689,7 +620,7 @@ def floor_only(bc: Bench) -> None:
     print_floor(f)
     print(f"decode at the bound: {N * bc.completion_tokens / f['terms']['decode']:,.0f} tokens/s; update MFU 0.40 "
           f"means {f['update_flops'] / (0.4 * peak):.2f}s for the update")
-    print_memory_plan(memory_plan(bc, P, [bc.completion_tokens] * N, "cuda"))
+    print_plan(memory_plan(bc, P, [bc.completion_tokens] * N, "cuda"))
 
 
 def run_engine(bc: Bench) -> dict:

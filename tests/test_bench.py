@@ -1,5 +1,6 @@
 """bench/bench_grpo.py end to end on a tiny config, and the generation levers it measures against plain `generate`."""
 import json
+from dataclasses import replace
 import sys
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import bench_grpo  # noqa: E402
+import train  # noqa: E402
 
 from grpo import rollout as R  # noqa: E402
 from grpo.model import load_model, load_tokenizer  # noqa: E402
@@ -154,6 +156,36 @@ def test_memory_plan_state_terms_are_the_tensors():
     assert plan["terms"]["grads"] == pytest.approx(nbytes(p.grad for p in params), rel=1e-12)
     assert plan["terms"]["casts"] == 0 and bench_grpo.memory_plan(bc, [20] * 8, [8] * 8, "cuda")["terms"]["casts"] \
         == pytest.approx(nbytes(params) / 2, rel=1e-12)                  # CUDA: a bf16 copy of every weight
+
+
+def test_memory_plan_trainable_parameters_and_flags():
+    """bench/memory.py: its own flags are told apart from train.py's; --trainable_params (LoRA's adapters) scales the
+    gradients, AdamW's moments and its step's temporary, never the weights, casts or reference; bf16 follows --bf16."""
+    import memory
+    own, rest = memory.split_args(["--config", "qwen2.5-0.5b", "--micro_batch_size", "4", "--trainable_params=1000",
+                                   "--gradient_checkpointing", "--bf16", "true"])
+    assert own == ["--config", "qwen2.5-0.5b", "--trainable_params=1000"]
+    assert rest == ["--micro_batch_size", "4", "--gradient_checkpointing", "--bf16", "true"]
+    m, _ = memory.parse_config(memory.Memory, own)
+    cfg, _ = memory.parse_config(train.Config, rest)
+    full = memory.plan_for_flags(memory.parse_config(memory.Memory, ["--config", "qwen2.5-0.5b"])[0], cfg)["terms"]
+    lora = memory.plan_for_flags(m, cfg)["terms"]
+    n = full["grads"] / 4                                                # GB of one byte per parameter
+    assert lora["grads"] == lora["adamw_step"] == pytest.approx(4 * 1000 / 1e9)
+    assert lora["state"] == pytest.approx(4 * n + 8 * 1000 / 1e9)                      # float32 weights stay whole
+    assert lora["casts"] == full["casts"] == pytest.approx(2 * n) and lora["reference"] == full["reference"]
+    assert memory.plan_for_flags(m, replace(cfg, bf16="false"))["terms"]["casts"] == 0
+
+
+def test_memory_fits_table(capsys):
+    """Full fine-tuning of Qwen2.5-1.5B: weights + AdamW + gradients are 16 bytes per parameter, 24.7 GB, so nothing
+    fits 24 GB; 80 GB takes a larger micro-batch than 48."""
+    import memory
+    memory.main(["--config", "qwen2.5-1.5b", "--max_new_tokens", "512", "--max_prompt_length", "1024"])
+    rows = {int(line.split()[0]): line.split()[1:] for line in capsys.readouterr().out.splitlines()
+            if line.split() and line.split()[0] in ("24", "48", "80", "141")}
+    assert rows[24][0] == "none" and rows[24][-1] == "none"
+    assert 1 <= int(rows[48][0]) < int(rows[80][0]) <= int(rows[141][0])
 
 
 def test_prompt_lengths_from_a_lengths_file(tmp_path):
