@@ -17,6 +17,7 @@ import train
 from data import load_examples
 from grpo import checkpoint as ckpt
 from grpo.logprobs import CompletionLogprobs
+from grpo.model import bf16_autocast
 from grpo.loss import group_advantages
 from grpo.rollout import generate_rollout
 from grpo.tiny import build_model, build_tokenizer
@@ -32,9 +33,11 @@ def no_autocast():
     return torch.autocast("cpu", enabled=False)
 
 
-def test_learning_on_a_dense_reward():
+@pytest.mark.parametrize("bf16", [False, True])
+def test_learning_on_a_dense_reward(bf16):
     """Reward = fraction of completion tokens from the lower half of the vocabulary: starts near 0.5,
-    must clearly rise within a few dozen GRPO steps of the real update code."""
+    must clearly rise within a few dozen GRPO steps of the real update code; under CPU bf16 autocast too
+    (rollout and update, as train.py --bf16 true runs them)."""
     torch.manual_seed(0)
     tok = build_tokenizer(["hello world, the quick brown fox jumps over the lazy dog"] * 4, vocab_size=300)
     model = build_model(tok, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
@@ -47,14 +50,16 @@ def test_learning_on_a_dense_reward():
     prompts = [tok("hello")["input_ids"], tok("the fox")["input_ids"], tok("dog")["input_ids"], [5]]
     means = []
     for step in range(20):
-        rollout = generate_rollout(model, prompts, num_generations=8, max_new_tokens=8, temperature=1.0,
-                                   eos_ids=[never], pad_id=0, batch_size=32)
+        with bf16_autocast("cpu", bf16)():
+            rollout = generate_rollout(model, prompts, num_generations=8, max_new_tokens=8, temperature=1.0,
+                                       eos_ids=[never], pad_id=0, batch_size=32)
         rewards = (rollout.completion_ids < V // 2).float().mean(dim=1)                 # (N,)
         means.append(rewards.mean().item())
         model.train()
-        train.policy_update(policy, optimizer, rollout, group_advantages(rewards, 8), None, None, cfg, no_autocast)
+        train.policy_update(policy, optimizer, rollout, group_advantages(rewards, 8), None, None, cfg,
+                            bf16_autocast("cpu", bf16))
     first, last = sum(means[:5]) / 5, sum(means[-5:]) / 5
-    assert last > first + 0.3, f"mean reward went from {first:.2f} to {last:.2f}"   # seen: 0.51 -> 1.00
+    assert last > first + 0.3, f"mean reward went from {first:.2f} to {last:.2f}"   # seen: 0.51 -> 1.00 (float32)
 
 
 def read_metrics(out: Path) -> list[dict]:
