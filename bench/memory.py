@@ -52,8 +52,8 @@ def sizes(c: Qwen2Config) -> dict:
 
 def plan(c: Qwen2Config, P: list[int], T: list[int], *, num_generations: int, micro_batch_size: int,
          generation_batch_size: int, logprob_chunk_size: int, beta: float, gradient_checkpointing: bool, bf16: bool,
-         old_logprobs: bool, trainable_params: int | None = None, segment: int | None = None,
-         baseline_gb: float = 0.0) -> dict:
+         old_logprobs: bool, steps_per_generation: int = 1, trainable_params: int | None = None,
+         segment: int | None = None, baseline_gb: float = 0.0) -> dict:
     """The memory (GB) each phase should peak at, term by term, for rows with prompt lengths P and completion lengths
     T (prompt-major), after the first optimizer step (so AdamW's moments exist).
 
@@ -81,6 +81,9 @@ def plan(c: Qwen2Config, P: list[int], T: list[int], *, num_generations: int, mi
     logprobs   = baseline + state + casts (old log-probs only) + reference + forward_layer + lm_head
     update     = the larger of backward (baseline + state + grads + casts + reference + checkpoints + layer +
                  lm_head) and the optimizer step (baseline + state + grads + reference + adamw_step).
+                 When an optimizer step has a single micro-batch, its backward frees the casts and activations as
+                 it allocates the gradients (set to None after each step), so backward holds the larger of grads
+                 and casts + checkpoints + layer + lm_head instead of their sum (measured: docs/PERFORMANCE.md).
     The state terms are exact (tests/test_bench.py); the others are estimates, checked against measurement in
     docs/PERFORMANCE.md."""
     from grpo.rollout import SEGMENT_TOKENS
@@ -108,8 +111,12 @@ def plan(c: Qwen2Config, P: list[int], T: list[int], *, num_generations: int, mi
                  adamw_step=4 * n_t)
     t = {k: v / 1e9 for k, v in terms.items()}
     gb = {name: sum(t[k] for k in names) for name, names in phase_terms(old_logprobs).items()}
+    accumulates = rows // steps_per_generation > micro_batch_size        # a second micro-batch meets the gradients
+    if not accumulates:
+        gb["backward"] -= min(t["grads"], sum(t[k] for k in ("casts", "checkpoints", "layer", "lm_head")))
     update = max(gb["backward"], gb["optimizer_step"])
-    return dict(terms=t, old_logprobs=old_logprobs, generation=gb["generation"], logprobs=gb["logprobs"],
+    return dict(terms=t, old_logprobs=old_logprobs, accumulates=accumulates, generation=gb["generation"],
+                logprobs=gb["logprobs"],
                 update=update, backward=gb["backward"], optimizer_step=gb["optimizer_step"],
                 peak=max(gb["generation"], gb["logprobs"], update))
 
@@ -129,8 +136,9 @@ def print_plan(p: dict, measured: dict | None = None) -> None:
     t, phases = p["terms"], phase_terms(p["old_logprobs"])
     listed = lambda names: " + ".join(f"{k} {t[k]:.2f}" for k in names if t[k])              # noqa: E731
     lines = {"generation": listed(phases["generation"]), "logprobs": listed(phases["logprobs"]),
-             "update": f"the larger of backward {p['backward']:.2f} ({listed(phases['backward'])}) and the optimizer "
-                       f"step {p['optimizer_step']:.2f} ({listed(phases['optimizer_step'])})"}
+             "update": f"the larger of backward {p['backward']:.2f} ({listed(phases['backward'])}"
+                       f"{'' if p['accumulates'] else '; one micro-batch per step: the larger of grads and casts + activations'}"
+                       f") and the optimizer step {p['optimizer_step']:.2f} ({listed(phases['optimizer_step'])})"}
     for phase, terms in lines.items():
         seen = (f"measured {measured[phase]:.2f} GB = {measured[phase] / p[phase]:.2f} of "
                 if measured and phase in measured else "")
@@ -176,7 +184,8 @@ def plan_for_flags(m: Memory, cfg, micro_batch_size=None, generation_batch_size=
                 generation_batch_size=generation_batch_size or cfg.generation_batch_size,
                 logprob_chunk_size=cfg.logprob_chunk_size, beta=cfg.beta,
                 gradient_checkpointing=cfg.gradient_checkpointing, bf16=use_bf16(cfg.bf16, m.device),
-                old_logprobs=cfg.steps_per_generation > 1, trainable_params=m.trainable_params or None,
+                old_logprobs=cfg.steps_per_generation > 1, steps_per_generation=cfg.steps_per_generation,
+                trainable_params=m.trainable_params or None,
                 baseline_gb=baseline_gb)
 
 
