@@ -175,6 +175,13 @@ def test_memory_plan_trainable_parameters_and_flags():
     assert lora["state"] == pytest.approx(4 * n + 8 * 1000 / 1e9)                      # float32 weights stay whole
     assert lora["casts"] == full["casts"] == pytest.approx(2 * n) and lora["reference"] == full["reference"]
     assert memory.plan_for_flags(m, replace(cfg, bf16="false"))["terms"]["casts"] == 0
+    # one micro-batch per optimizer step: its gradients replace the casts and activations as backward frees them
+    one = replace(cfg, prompts_per_step=1, num_generations=2, micro_batch_size=2, steps_per_generation=1)
+    single, accumulated = memory.plan_for_flags(m, one), memory.plan_for_flags(m, replace(one, micro_batch_size=1))
+    t = single["terms"]
+    activations = t["casts"] + t["checkpoints"] + t["layer"] + t["lm_head"]
+    assert single["backward"] == pytest.approx(t["state"] + t["reference"] + max(t["grads"], activations))
+    assert accumulated["accumulates"] and not single["accumulates"]
 
 
 def test_memory_fits_table(capsys):
