@@ -18,7 +18,6 @@ import argparse
 import json
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import fields
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from data.jsonl import read_jsonl  # noqa: E402
 from grpo import checkpoint as ckpt  # noqa: E402
 from grpo.io import atomic_path  # noqa: E402
 from grpo.logprobs import CompletionLogprobs  # noqa: E402
-from grpo.model import load_model, load_tokenizer  # noqa: E402
+from grpo.model import bf16_autocast, load_model, load_tokenizer, use_bf16  # noqa: E402
 
 
 def main(argv=None):
@@ -56,8 +55,9 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     _, sft_examples = train.load_data(cfg)
+    bf16 = use_bf16(cfg.bf16, "cpu")                    # the run's precision (--bf16 true on a CPU, or float32)
     steps = train.sft_warm_start(cfg, sft_examples, CompletionLogprobs(model, cfg.logprob_chunk_size), tokenizer,
-                                 nullcontext, start=cfg.sft_steps, seconds=grpo_seconds)
+                                 bf16_autocast("cpu", bf16), start=cfg.sft_steps, seconds=grpo_seconds)
     control_seconds = time.perf_counter() - t0
     with atomic_path(run / "sft-control") as tmp:
         model.save_pretrained(tmp)
@@ -70,7 +70,7 @@ def main(argv=None):
               f"warm start: {cfg.sft_steps} SFT steps": str(run / "sft-init"),
               f"+ {len(rows)} GRPO steps, {grpo_seconds:.0f} s": str(ckpt.list_checkpoints(run)[0]),
               f"+ {steps} SFT steps, {control_seconds:.0f} s": str(run / "sft-control")}
-    train.evaluate_heldout(cfg, models, run / "sft-control-eval", "cpu")
+    train.evaluate_heldout(cfg, models, run / "sft-control-eval", "cpu", bf16)
 
 
 if __name__ == "__main__":
