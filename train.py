@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from data import DownloadError, build_prompts, load_examples
 from grpo import checkpoint as ckpt
-from grpo import dist
+from grpo import dist, lora
 from grpo.cli import FALSE_WORDS, TRUE_WORDS, config_json, field, parse_config
 from grpo.io import atomic_path, atomic_write_text, remove
 from grpo.logprobs import CompletionLogprobs
@@ -108,6 +108,15 @@ class Config:
     # distributed: `torchrun --nproc_per_node N train.py ...` runs data-parallel (grpo/dist.py)
     fsdp: bool = field(False, "under torchrun: shard parameters, gradients and optimizer state (FSDP2) "
                               "instead of keeping a whole copy per rank (DDP)")
+    # LoRA through peft (grpo/lora.py): low-rank adapters train, the model's own weights stay frozen
+    lora_r: int = field(0, "LoRA rank r: train adapters W + (lora_alpha / r) B A on --lora_target_modules instead of "
+                           "every weight, and take reference log-probs with the adapters off (no second model); "
+                           "0 = off (full fine-tuning). Checkpoints then hold the adapters (peft's format)")
+    lora_alpha: float = field(32.0, "LoRA scale numerator: the adapters add (lora_alpha / lora_r) B A x")
+    lora_target_modules: str = field(lora.TARGETS, "comma-separated names of the decoder's linear layers that get "
+                                                   "adapters (not lm_head / embed_tokens)")
+    merge_lora: bool = field(False, "with --lora_r: at the end also write merged/, the model with the adapters folded "
+                                    "into its weights (an HF model directory; no peft needed to load it)")
     # supervised warm start (also the paper's SFT400 baselines)
     sft_data: str | None = field(None, "data for supervised steps on ground truths before GRPO")
     sft_steps: int = field(0, "supervised optimizer steps before GRPO")
@@ -146,7 +155,7 @@ TINY_PRESET = dict(
 FREE_ON_RESUME = {"output_dir", "resume", "overwrite_output_dir", "allow_config_change", "trust_remote_code",
                   "cpu_threads", "fsdp", "generation_batch_size", "compile_generation", "micro_batch_size",
                   "gradient_checkpointing", "logprob_chunk_size", "save_every", "keep_checkpoints",
-                  "log_samples_every", "eval_data", "max_steps", "report_to", "eval_every", "eval_limit"}
+                  "log_samples_every", "eval_data", "max_steps", "report_to", "eval_every", "eval_limit", "merge_lora"}
 NOT_IN_CONFIG_FILE = ("resume", "overwrite_output_dir", "allow_config_change")   # what to do, not what the run is
 
 
@@ -197,6 +206,14 @@ def configure(argv=None) -> Config:
          f"--prompts_per_step ({cfg.prompts_per_step}) must split evenly over the {W} ranks, and each rank's "
          f"completions into --steps_per_generation ({cfg.steps_per_generation}) equal mini-batches"),
         (dist.launched() or not cfg.fsdp, "--fsdp shards over torchrun's processes: torchrun --nproc_per_node N train.py"),
+        (cfg.lora_r >= 0, f"--lora_r must be >= 0 (0 = off), got {cfg.lora_r}"),
+        (cfg.lora_alpha > 0, f"--lora_alpha must be > 0, got {cfg.lora_alpha}"),
+        (bool(lora.target_names(cfg.lora_target_modules)) and not set(lora.target_names(cfg.lora_target_modules))
+         & set(lora.UNREACHABLE), f"--lora_target_modules {cfg.lora_target_modules!r}: name at least one linear layer "
+                                  f"of the decoder; {' and '.join(lora.UNREACHABLE)} cannot take adapters here"),
+        (not (cfg.fsdp and cfg.lora_r), "--fsdp with --lora_r: not supported (the frozen weights would be sharded "
+                                        "for nothing much); use DDP: drop --fsdp"),
+        (cfg.lora_r or not cfg.merge_lora, "--merge_lora needs --lora_r > 0 (there are no adapters to merge)"),
     ]
     for ok, message in checks:
         if not ok:
@@ -207,6 +224,11 @@ def configure(argv=None) -> Config:
         load_reward_fn(cfg.reward_fn)               # imports it now: a bad path fails before any model loads
     except ValueError as e:
         fail(str(e))
+    if cfg.lora_r:
+        try:
+            lora.require_peft()
+        except ImportError:
+            fail("--lora_r needs peft: pip install peft")
     if cfg.model != "tiny":
         try:
             resolve_model_name(cfg.model)
@@ -255,7 +277,7 @@ def fail(message: str):
 
 # What a run writes into --output_dir (tiny-init/ is the same for every run and stays)
 RUN_FILES = ("train_config.json", "metrics.jsonl", "samples.jsonl", "reward_curves.png", "sft-init", "eval",
-             "tensorboard", "wandb")
+             "tensorboard", "wandb", "merged")
 
 
 def holds_run(out: Path) -> bool:
@@ -286,6 +308,9 @@ def resume_point(cfg: Config) -> tuple[tuple[Path, dict] | None, dict]:
             if resumed is None:
                 fail(f"--resume {cfg.resume}: none of its {len(tried)} checkpoint(s) is usable (each is named "
                      f"above with its reason); nothing was changed")
+            if lora.is_adapter(resumed[0]) != bool(cfg.lora_r):
+                fail(f"--resume {resumed[0]} holds {'LoRA adapters' if lora.is_adapter(resumed[0]) else 'full weights'}"
+                     f": resume it with the --lora_r it was trained with")
     resume_path = Path(cfg.resume).resolve() if cfg.resume else None
     own_run = resume_path is not None and out.resolve() in (resume_path, resume_path.parent)   # this dir's run
     if resumed is None and not own_run and not cfg.overwrite_output_dir and holds_run(out):
@@ -598,17 +623,19 @@ def train(cfg: Config, data: tuple[list, list | None], resumed: tuple[Path, dict
     prompts, n_truncated = build_prompts(tokenizer, examples, cfg.max_prompt_length)
     if cfg.resume and resumed is None:
         print(f"--resume {cfg.resume}: no checkpoint there yet; starting from step 0")
-    model = load_model(str(resumed[0]) if resumed else model_path, device=device,
-                       trust_remote_code=cfg.trust_remote_code)
+    ref_path = str(out / "sft-init") if cfg.sft_steps > 0 else model_path   # the policy GRPO starts from
+    # a LoRA checkpoint holds the adapters only: they are loaded (below) onto the model GRPO started from
+    start = ref_path if resumed and cfg.lora_r else str(resumed[0]) if resumed else model_path
+    model = load_model(start, device=device, trust_remote_code=cfg.trust_remote_code)
+    if cfg.lora_r and (missing := lora.missing_targets(model, cfg.lora_target_modules)):
+        fail(f"--lora_target_modules: no linear layer named {', '.join(missing)} in the model's decoder")
     if cfg.gradient_checkpointing:
         set_checkpointing(model, True)
     model.train()
     policy = CompletionLogprobs(model, cfg.logprob_chunk_size)
     eos_ids, pad_id = eos_token_ids(model, tokenizer), pad_token_id(tokenizer)
 
-    ref_path = model_path
     if cfg.sft_steps > 0:          # the reference is the policy GRPO starts from: after the warm start
-        ref_path = str(out / "sft-init")
         if not resumed:
             sft_warm_start(cfg, sft_examples, policy, tokenizer, autocast)   # every rank: the same steps and data
             if dist.rank() == 0:
@@ -616,14 +643,24 @@ def train(cfg: Config, data: tuple[list, list | None], resumed: tuple[Path, dict
                     model.save_pretrained(tmp)
                     tokenizer.save_pretrained(tmp)
             dist.barrier()
+    peft_model = None     # --lora_r: adapters go into `model` in place after the warm start (which trains all weights)
+    if cfg.lora_r:
+        peft_model = lora.add_adapters(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules, ref_path,
+                                       resumed[0] if resumed else None)
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"LoRA r={cfg.lora_r}: {trained:,} of {sum(p.numel() for p in model.parameters()):,} parameters train")
     ref_policy = None
-    if cfg.beta > 0:
+    if cfg.beta > 0 and cfg.lora_r:          # the same weights with the adapters off: no second copy
+        ref_policy = lora.WithoutAdapters(policy, peft_model)
+    elif cfg.beta > 0:
         ref_model = load_model(ref_path, device=device, dtype=torch.bfloat16 if bf16 else torch.float32,
                                trust_remote_code=cfg.trust_remote_code).eval().requires_grad_(False)
         ref_policy = CompletionLogprobs(ref_model, cfg.logprob_chunk_size)
 
     policy = dist.wrap(policy, cfg.fsdp)    # distributed: DDP, or FSDP2 with --fsdp (shards `model` in place)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],   # LoRA: the adapters only
+                                  lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    saved_model = peft_model if cfg.lora_r else model                  # LoRA: checkpoints hold the adapters (peft's format)
     start_step = 0
     if resumed:
         dist.load_optimizer_state(model, optimizer, resumed[1]["optimizer"])   # saved by any number of ranks
@@ -680,7 +717,7 @@ def train(cfg: Config, data: tuple[list, list | None], resumed: tuple[Path, dict
         if dist.sum_over_ranks(torch.tensor(float(problem is not None), device=device)).item() > 0:
             bar.update()
             if bad.record(problem or "logits while sampling (on another rank)", step + 1):
-                stop_non_finite(cfg, out, step + 1, model, tokenizer, optimizer, bad, start_model)
+                stop_non_finite(cfg, out, step + 1, saved_model, tokenizer, optimizer, bad, start_model)
             continue
         t1 = time.perf_counter()
 
@@ -734,12 +771,15 @@ def train(cfg: Config, data: tuple[list, list | None], resumed: tuple[Path, dict
         problem = ("rewards" if not torch.isfinite(all_rewards).all() else "loss" if not math.isfinite(metrics["loss"])
                    else "gradient" if metrics["skipped"] else None)
         if bad.record(problem, step + 1):
-            stop_non_finite(cfg, out, step + 1, model, tokenizer, optimizer, bad, start_model)
+            stop_non_finite(cfg, out, step + 1, saved_model, tokenizer, optimizer, bad, start_model)
         if ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps) and not bad.weights_broken:
-            ckpt.save_checkpoint(out, step + 1, model, tokenizer, optimizer, config_json(cfg), cfg.keep_checkpoints)
+            ckpt.save_checkpoint(out, step + 1, saved_model, tokenizer, optimizer, config_json(cfg), cfg.keep_checkpoints)
     bar.close()
     progress["step"] = cfg.max_steps
     if dist.rank() == 0:
+        if cfg.merge_lora:                                  # the adapters folded in (done training: in place)
+            lora.save_merged(peft_model, tokenizer, out / "merged")
+            print(f"merged model (base + adapters): {out / 'merged'}")
         final = ckpt.list_checkpoints(out)[0]
         models = {f"untrained ({Path(model_path).name})": model_path}
         if cfg.sft_steps:

@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from grpo import dist
+from grpo import dist, lora
 from grpo.io import atomic_path
 
 PREFIX = "checkpoint-"
@@ -36,11 +36,15 @@ def save_checkpoint(output_dir: Path, step: int, model, tokenizer, optimizer, co
     distributed: every rank calls this (gathering FSDP shards is a collective); rank 0 alone writes.
     """
     final = output_dir / f"{PREFIX}{step:06d}"
+    adapters = hasattr(model, "peft_config")                # a peft model (--lora_r): its adapters alone
     # Whole tensors on CPU, keyed by parameter name: the same files whether 1 or N ranks saved them.
-    model_state, optimizer_state = dist.full_state_dicts(model, optimizer)
+    model_state, optimizer_state = dist.full_state_dicts(model, optimizer, weights=not adapters)
     if dist.rank() == 0:
         with atomic_path(final) as tmp:                     # .tmp-checkpoint-N, renamed to `final` when whole
-            model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
+            if adapters:                                    # adapter_config.json + adapter_model.safetensors
+                model.save_pretrained(tmp)
+            else:
+                model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             (tmp / "train_config.json").write_text(config_json)
             torch.save({"step": step, "optimizer": optimizer_state}, tmp / "trainer_state.pt")
@@ -74,11 +78,15 @@ SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16:
 def load_trainer_state(checkpoint: Path, trust_remote_code: bool = False) -> dict:
     """The trainer state of a whole checkpoint; otherwise raises an error that says what is wrong.
     Reads the weights' headers, not the weights; never unpickles code."""
-    for name in ("config.json", "train_config.json", "trainer_state.pt"):
+    adapters = lora.is_adapter(checkpoint)                  # --lora_r: the adapters on their base model
+    for name in ("adapter_config.json" if adapters else "config.json", "train_config.json", "trainer_state.pt"):
         if not (checkpoint / name).is_file():
             raise ValueError(f"missing {name}")
     json.loads((checkpoint / "train_config.json").read_text())
-    expected, found = expected_tensors(checkpoint, trust_remote_code), saved_tensors(checkpoint)
+    if adapters:
+        expected, found = lora.expected_tensors(checkpoint, trust_remote_code), lora.saved_tensors(checkpoint)
+    else:
+        expected, found = expected_tensors(checkpoint, trust_remote_code), saved_tensors(checkpoint)
     missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
     if missing:
         raise ValueError(f"the weights lack {len(missing)} of the model's {len(expected)} tensors (e.g. {missing[0]})")
@@ -87,7 +95,7 @@ def load_trainer_state(checkpoint: Path, trust_remote_code: bool = False) -> dic
     for name, (shape, dtype) in expected.items():
         if found[name] != (shape, SAFETENSORS_DTYPES.get(dtype, str(dtype))):
             raise ValueError(f"{name} is {found[name][1]} {found[name][0]} in the weights; "
-                             f"config.json makes it {SAFETENSORS_DTYPES.get(dtype, dtype)} {shape}")
+                             f"the config makes it {SAFETENSORS_DTYPES.get(dtype, dtype)} {shape}")
     state = torch.load(checkpoint / "trainer_state.pt", weights_only=True, map_location="cpu")
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise ValueError("trainer_state.pt has no integer 'step'")

@@ -166,12 +166,14 @@ def _is_sharded(model: nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
-def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, weights: bool = True) -> tuple[dict, dict]:
     """Model and optimizer state dicts with whole tensors on CPU, keyed by parameter name: the same whether
     saved by 1 or N ranks, sharded or not. A collective under FSDP (every rank calls it); rank 0 gets the
     tensors, the others empty dicts. (If no optimizer step has run yet, this creates AdamW's state with a
-    zero-learning-rate step.)"""
+    zero-learning-rate step.) `weights=False`: an empty model state (LoRA saves its adapters itself)."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if not weights:
+        return {}, get_optimizer_state_dict(model, optimizer, options=options)
     model_state = get_model_state_dict(model, options=options)
     # Tied weights (Qwen's input and output embeddings) come back from FSDP as two gathered copies: keep the one
     # name that named_parameters() keeps, as save_pretrained does for tensors that still share memory.

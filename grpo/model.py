@@ -1,7 +1,8 @@
 """Loading models and tokenizers: a bare name resolves to its hub id, a directory loads as-is.
 
 Weights load from safetensors only (`use_safetensors=True`: a pickled `.bin` is refused, since unpickling
-runs code), and `trust_remote_code` stays off unless the user asks for it.
+runs code), and `trust_remote_code` stays off unless the user asks for it. eval.py also takes a directory of
+LoRA adapters (grpo/lora.py).
 """
 import os
 
@@ -12,6 +13,8 @@ from transformers.utils import logging as transformers_logging
 # transformers' bars for each file it loads or writes ("Loading weights", "Writing model shards") say nothing
 # about the run and break up its one progress bar
 transformers_logging.disable_progress_bar()
+
+from grpo.lora import base_of, is_adapter, load_merged
 
 # Bare names that resolve to a hub organisation, e.g. "Qwen2.5-1.5B-Instruct" -> "Qwen/Qwen2.5-1.5B-Instruct".
 HUB_ORGS = {"Qwen": "Qwen", "Llama": "meta-llama"}
@@ -74,9 +77,14 @@ def load_model(name_or_path: str, *, device: str = "cpu", dtype: torch.dtype = t
 
 def load_model_and_tokenizer(name_or_path: str, *, device: str = "cpu", dtype: torch.dtype | None = None,
                              trust_remote_code: bool = False):
-    """(model, tokenizer) in eval mode; dtype defaults to bf16 on CUDA, float32 elsewhere (use_bf16's auto)."""
+    """(model, tokenizer) in eval mode; dtype defaults to bf16 on CUDA, float32 elsewhere (use_bf16's auto). A
+    directory of LoRA adapters (a train.py --lora_r checkpoint) loads as its base model with the adapters merged in."""
     if dtype is None:
         dtype = torch.bfloat16 if use_bf16("auto", device) else torch.float32
+    if is_adapter(name_or_path):
+        model = load_merged(name_or_path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        has_tokenizer = os.path.isfile(os.path.join(name_or_path, "tokenizer_config.json"))
+        return model.eval(), load_tokenizer(name_or_path if has_tokenizer else base_of(name_or_path), trust_remote_code)
     model = load_model(name_or_path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     return model.eval(), load_tokenizer(name_or_path, trust_remote_code)
 
