@@ -1,0 +1,243 @@
+"""LoRA through peft (grpo/lora.py, train.py --lora_r): what trains, the reference, checkpoints, merging."""
+import copy
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+pytest.importorskip("peft")
+import eval as eval_py  # noqa: E402
+import train  # noqa: E402
+from grpo import checkpoint as ckpt  # noqa: E402
+from grpo import lora  # noqa: E402
+from grpo.logprobs import CompletionLogprobs  # noqa: E402
+from grpo.model import load_model, set_checkpointing  # noqa: E402
+from grpo.tiny import build_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+# test_train.py's short demo command, with LoRA, a KL term (so the reference is used) and a merged model at the
+# end; a high learning rate so that the adapters move well past the tolerances below in 4 steps
+SHORT = ["--prompts_per_step", "2", "--num_generations", "2", "--max_new_tokens", "12", "--sft_steps", "2",
+         "--sft_batch_size", "4", "--save_every", "1", "--log_samples_every", "1", "--cpu_threads", "1"]
+LORA = ["--max_steps", "4", "--lora_r", "4", "--lora_alpha", "8", "--beta", "0.05", "--learning_rate", "1e-2"]
+
+
+def tiny_adapted(tokenizer, seed=0):
+    """(base copy, model with adapters, peft model): the adapters' B drawn at random (not zero), so that the
+    adapted model differs from the base and A receives gradients."""
+    torch.manual_seed(seed)
+    model = build_model(tokenizer, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)
+    base = copy.deepcopy(model)
+    peft_model = lora.add_adapters(model, 4, 8.0, lora.TARGETS, base="tiny")
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    return base, model, peft_model
+
+
+def batch(vocab: int, n=3, prompt=6, completion=5):
+    """Random sequences: (input_ids, attention_mask, completion_mask), the first row with a left-padded prompt
+    and the last with a short completion."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, vocab, (n, prompt + completion), generator=g)
+    attention = torch.ones_like(ids)
+    attention[0, :2] = 0
+    completion_mask = torch.ones(n, completion, dtype=torch.bool)
+    completion_mask[-1, 3:] = False
+    return ids, attention, completion_mask
+
+
+@pytest.mark.parametrize("checkpointing,bf16", [(False, False), (True, False), (True, True)])
+def test_only_adapter_parameters_receive_gradients(tiny_tokenizer, checkpointing, bf16):
+    _, model, _ = tiny_adapted(tiny_tokenizer)
+    if checkpointing:
+        set_checkpointing(model, True)
+    model.train()
+    ids, attention, completion_mask = batch(model.config.vocab_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logp, entropy = CompletionLogprobs(model)(ids, attention, completion_mask)
+    (logp.sum() + entropy.sum()).backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert with_grad == trainable == {n for n, _ in model.named_parameters() if ".lora_" in n}
+    # every targeted layer of both decoder layers: 7 layers x 2 blocks x (A, B)
+    assert len(with_grad) == 7 * 2 * 2
+    assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n in with_grad)
+
+
+def test_reference_with_adapters_off_is_the_base_model(tiny_tokenizer):
+    base, model, peft_model = tiny_adapted(tiny_tokenizer)
+    ids, attention, completion_mask = batch(model.config.vocab_size)
+    policy = CompletionLogprobs(model)
+    with torch.no_grad():
+        expected, _ = CompletionLogprobs(base)(ids, attention, completion_mask)
+        reference, _ = lora.WithoutAdapters(policy, peft_model)(ids, attention, completion_mask)
+        adapted, _ = policy(ids, attention, completion_mask)
+    assert torch.equal(reference, expected)                  # the same float32 operations: bit-equal
+    assert (adapted - expected).abs().max() > 1e-2           # after the block the adapters are back on
+
+
+def test_new_adapters_start_as_the_base_model(tiny_tokenizer):
+    # B = 0 at initialisation (Hu et al. 2021): GRPO's step 0 is the model it starts from, exactly
+    torch.manual_seed(0)
+    model = build_model(tiny_tokenizer, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                        intermediate_size=64)
+    base = copy.deepcopy(model)
+    lora.add_adapters(model, 8, 16.0, "q_proj,v_proj", base="tiny")
+    ids, attention, completion_mask = batch(model.config.vocab_size)
+    with torch.no_grad():
+        assert torch.equal(CompletionLogprobs(model)(ids, attention, completion_mask)[0],
+                           CompletionLogprobs(base)(ids, attention, completion_mask)[0])
+
+
+# ---------------------------------------------------------------- train.py --lora_r end to end
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """One uninterrupted 4-step LoRA run of the short demo command, shared by the tests below."""
+    out = tmp_path_factory.mktemp("lora_run")
+    train.main(["--output_dir", str(out), "--merge_lora"] + LORA + SHORT)
+    return out
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_checkpoint_holds_the_adapters_in_peft_format(lora_run):
+    final = lora_run / "checkpoint-000004"
+    assert {"adapter_config.json", "adapter_model.safetensors", "train_config.json", "trainer_state.pt"} <= \
+        {p.name for p in final.iterdir()}
+    assert not (final / "model.safetensors").exists()
+    assert lora.base_of(final) == str((lora_run / "sft-init").resolve())   # the warm start: GRPO's start
+    state = ckpt.load_trainer_state(final)
+    # AdamW state for the adapters alone: 7 layers x 2 decoder blocks x (A, B)
+    assert state["step"] == 4 and len(state["optimizer"]["state"]) == 7 * 2 * 2
+    assert all(".lora_" in name for name in state["optimizer"]["state"])
+    assert all(r["kl"] > 0 for r in read_metrics(lora_run)[1:])             # the reference (adapters off) in use
+
+
+def test_incomplete_adapter_checkpoints_are_skipped(lora_run, tmp_path, capsys):
+    good = tmp_path / "checkpoint-000004"
+    good.mkdir()
+    for f in (lora_run / "checkpoint-000004").iterdir():
+        (good / f.name).write_bytes(f.read_bytes())
+    truncated, lacking = tmp_path / "checkpoint-000005", tmp_path / "checkpoint-000006"
+    for bad in (truncated, lacking):
+        bad.mkdir()
+        for f in good.iterdir():
+            (bad / f.name).write_bytes(f.read_bytes())
+    data = (truncated / "adapter_model.safetensors").read_bytes()
+    (truncated / "adapter_model.safetensors").write_bytes(data[:len(data) // 2])
+    tensors = load_file(lacking / "adapter_model.safetensors")
+    save_file(dict(list(tensors.items())[1:]), lacking / "adapter_model.safetensors")   # one adapter tensor short
+    found, state = ckpt.find_resumable(tmp_path)
+    assert found == good and state["step"] == 4
+    printed = capsys.readouterr().out
+    assert f"skipping unusable checkpoint {lacking}: ValueError: the weights lack 1 of the model's 28" in printed
+    assert f"skipping unusable checkpoint {truncated}" in printed
+
+
+def test_merged_model_log_probs_equal_the_adapted_models(lora_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    merged = AutoModelForCausalLM.from_pretrained(lora_run / "merged")     # plain transformers, no peft
+    adapted = PeftModel.from_pretrained(load_model(str(lora_run / "sft-init")), lora_run / "checkpoint-000004")
+    base = load_model(str(lora_run / "sft-init"))
+    ids, attention, completion_mask = batch(merged.config.vocab_size)
+    with torch.no_grad():
+        m, _ = CompletionLogprobs(merged)(ids, attention, completion_mask)
+        a, _ = CompletionLogprobs(adapted.base_model.model)(ids, attention, completion_mask)
+        b, _ = CompletionLogprobs(base)(ids, attention, completion_mask)
+    torch.testing.assert_close(m, a, rtol=0, atol=1e-5)          # W + s B A folded in: float32 rounding only
+    assert (a - b).abs().max() > 1e-3                             # the adapters trained: far above that tolerance
+
+
+def test_eval_py_loads_the_adapter_directory_and_the_merged_model_alike(lora_run, tmp_path):
+    # the run's own end-of-run table scored the adapter checkpoint through eval.py; the merged model answers the
+    # same prompts with the same greedy outputs
+    models = [str(lora_run / "checkpoint-000004"), str(lora_run / "merged")]
+    summary = eval_py.main(eval_py.EvalConfig(model=models, benchmarks="demo", output_dir=str(tmp_path), limit=20,
+                                              max_new_tokens=12, max_prompt_tokens=512, device="cpu"))
+    assert summary[models[0]] == summary[models[1]]
+    outputs = [[json.loads(line)["output"] for line in (tmp_path / eval_py.slug(m) / "demo" /
+                                                         "predictions.jsonl").read_text().splitlines()]
+               for m in models]
+    assert outputs[0] == outputs[1]
+    in_run = json.loads((lora_run / "eval" / "summary.json").read_text())["results"]
+    assert list(in_run)[-1] == models[0]
+
+
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(lora_run, tmp_path):
+    """As test_train.py's kill test, with LoRA: the resumed run's adapters and metrics equal the uninterrupted
+    run's, bit for bit (the base comes from sft-init, the adapters and AdamW state from the checkpoint)."""
+    args = ["--merge_lora"] + LORA + SHORT
+    cmd = [sys.executable, str(REPO / "train.py"), "--output_dir", str(tmp_path)] + args
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / "checkpoint-000002").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "checkpoint-000004").exists()
+    train.main(["--output_dir", str(tmp_path), "--resume", str(tmp_path)] + args)
+    for name in ("checkpoint-000004/adapter_model.safetensors", "merged/model.safetensors"):
+        a, b = load_file(lora_run / name), load_file(tmp_path / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
+    for key in ("reward", "kl", "loss", "grad_norm"):
+        assert [r[key] for r in read_metrics(tmp_path)] == [r[key] for r in read_metrics(lora_run)], key
+
+
+def test_resume_needs_the_same_kind_of_checkpoint(lora_run, capsys):
+    before = sorted(p.name for p in lora_run.iterdir())
+    with pytest.raises(SystemExit) as e:
+        train.main(["--output_dir", str(lora_run), "--resume", str(lora_run), "--max_steps", "5"] + SHORT)
+    assert e.value.code == 2
+    assert "holds LoRA adapters: resume it with the --lora_r it was trained with" in capsys.readouterr().err
+    assert sorted(p.name for p in lora_run.iterdir()) == before
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("args,flag", [
+    (["--lora_r", "-1"], "--lora_r must be >= 0"),
+    (["--lora_r", "4", "--lora_alpha", "0"], "--lora_alpha must be > 0"),
+    (["--lora_r", "4", "--lora_target_modules", "q_proj,lm_head"], "--lora_target_modules"),
+    (["--lora_r", "4", "--lora_target_modules", " , "], "--lora_target_modules"),
+    (["--merge_lora"], "--merge_lora needs --lora_r"),
+])
+def test_bad_lora_arguments_fail_before_loading_anything(args, flag):
+    with pytest.raises(SystemExit) as e:
+        train.configure(args)
+    assert str(e.value).startswith(flag) and "\n" not in str(e.value)
+
+
+def test_fsdp_with_lora_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")                   # as under torchrun --nproc_per_node 1
+    with pytest.raises(SystemExit) as e:
+        train.configure(["--lora_r", "4", "--fsdp"])
+    assert str(e.value).startswith("--fsdp with --lora_r: not supported") and "drop --fsdp" in str(e.value)
+
+
+def test_without_peft_one_line_and_exit_2(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "peft", None)          # `import peft` now raises ImportError
+    with pytest.raises(SystemExit) as e:
+        train.configure(["--lora_r", "4"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "train.py: error: --lora_r needs peft: pip install peft\n"
+    train.configure([])                                      # without --lora_r, peft is never imported
+
+
+def test_unknown_target_module_fails_before_training(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--output_dir", str(tmp_path), "--lora_r", "4", "--lora_target_modules", "q_proj,qkv"] + SHORT)
+    assert e.value.code == 2
+    assert "--lora_target_modules: no linear layer named qkv in the model's decoder" in capsys.readouterr().err
+    assert not (tmp_path / "sft-init").exists()              # stopped before the warm start
