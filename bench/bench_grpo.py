@@ -85,6 +85,8 @@ class Bench:
     steps: int = field(2, "measured steps")
     warmup: int = field(1, "steps run before measuring")
     beta: float = field(0.0, "KL coefficient; 0 = no reference model (both engines)")
+    lora_r: int = field(0, "ours: train LoRA adapters of this rank (alpha 2r) on every decoder linear layer, base "
+                           "frozen, reference = adapters off (train.py --lora_r); 0 = full fine-tuning")
     entropy_coef: float = field(0.0, "entropy bonus coefficient (both engines)")
     micro_batch_size: int = field(8, "sequences per forward/backward (TRL: per_device_train_batch_size)")
     logprob_chunk_size: int = field(1024, "ours: completion tokens per LM-head chunk (train.py's default)")
@@ -302,11 +304,18 @@ def run_ours(bc: Bench, device: str) -> dict:
     model = build_model(bc, device)
     if bc.gradient_checkpointing:
         set_checkpointing(model, True)
+    peft_model = None
+    if bc.lora_r:                         # train.py --lora_r: adapters in place, every other weight frozen
+        from grpo.lora import TARGETS, add_adapters
+        peft_model = add_adapters(model, bc.lora_r, 2.0 * bc.lora_r, TARGETS, base=bc.config)
     model.train()
     policy = CompletionLogprobs(model, bc.logprob_chunk_size)
     ref_policy = None
     bf16 = use_bf16(bc.bf16, device)
-    if bc.beta > 0:                       # train.py: a frozen copy, bf16 under --bf16
+    if bc.beta > 0 and peft_model is not None:   # train.py: the same weights with the adapters off
+        from grpo.lora import WithoutAdapters
+        ref_policy = WithoutAdapters(policy, peft_model)
+    elif bc.beta > 0:                     # train.py: a frozen copy, bf16 under --bf16
         ref = build_model(bc, device).to(torch.bfloat16 if bf16 else torch.float32)
         ref_policy = CompletionLogprobs(ref.eval().requires_grad_(False), bc.logprob_chunk_size)
     cfg = replace(train.Config(), prompts_per_step=bc.prompts, num_generations=bc.num_generations,
@@ -314,7 +323,8 @@ def run_ours(bc: Bench, device: str) -> dict:
                   entropy_coef=bc.entropy_coef, steps_per_generation=1, temperature=1.0,
                   gradient_checkpointing=bc.gradient_checkpointing, skip_zero_advantage=bc.skip_zero_advantage,
                   logprob_chunk_size=bc.logprob_chunk_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay)
     autocast = bf16_autocast(device, bf16)
     V = model.config.vocab_size
     if bc.ignore_eos:
@@ -530,7 +540,8 @@ def memory_plan(bc: Bench, P: list[int], T: list[int], device: str) -> dict:
     return plan(Qwen2Config(**ARCHITECTURES[bc.config]), P, T, num_generations=bc.num_generations,
                 micro_batch_size=bc.micro_batch_size, generation_batch_size=bc.generation_batch_size,
                 logprob_chunk_size=bc.logprob_chunk_size, beta=bc.beta, gradient_checkpointing=bc.gradient_checkpointing,
-                bf16=use_bf16(bc.bf16, device), old_logprobs=False, segment=bc.segment_tokens or None)
+                bf16=use_bf16(bc.bf16, device), old_logprobs=False, lora_r=bc.lora_r,
+                segment=bc.segment_tokens or None)
 
 
 def print_floor(f: dict) -> None:
@@ -683,6 +694,7 @@ def main(argv=None):
     assert bc.prompts * bc.num_generations % bc.micro_batch_size == 0 or not bc.vs, \
         "B * G must be a multiple of --micro_batch_size (TRL's gradient accumulation)"
     assert not (bc.vs and bc.eos_rate), "--eos_rate is ours-only (TRL stops on the tokenizer's EOS)"
+    assert not (bc.vs and bc.lora_r), "--lora_r is ours-only"
     if bc.floor_only:
         floor_only(bc)
     elif bc.vs:

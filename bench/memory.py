@@ -47,12 +47,16 @@ def sizes(c: Qwen2Config) -> dict:
                                      + 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size)
               + c.hidden_size)                                                # final norm
     kv_elements = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim  # per token
-    return dict(n_head=n_head, n_body=n_body, kv_elements=kv_elements)
+    # LoRA adapters per unit of rank: A (r, in) + B (out, r) on q, k, v, o, gate, up, down of every layer
+    kv = c.num_key_value_heads * head_dim
+    lora_per_rank = c.num_hidden_layers * (2 * 2 * c.hidden_size + 2 * (c.hidden_size + kv)
+                                           + 3 * (c.hidden_size + c.intermediate_size))
+    return dict(n_head=n_head, n_body=n_body, kv_elements=kv_elements, lora_per_rank=lora_per_rank)
 
 
 def plan(c: Qwen2Config, P: list[int], T: list[int], *, num_generations: int, micro_batch_size: int,
          generation_batch_size: int, logprob_chunk_size: int, beta: float, gradient_checkpointing: bool, bf16: bool,
-         old_logprobs: bool, steps_per_generation: int = 1, trainable_params: int | None = None,
+         old_logprobs: bool, steps_per_generation: int = 1, trainable_params: int | None = None, lora_r: int = 0,
          segment: int | None = None, baseline_gb: float = 0.0) -> dict:
     """The memory (GB) each phase should peak at, term by term, for rows with prompt lengths P and completion lengths
     T (prompt-major), after the first optimizer step (so AdamW's moments exist).
@@ -63,7 +67,8 @@ def plan(c: Qwen2Config, P: list[int], T: list[int], *, num_generations: int, mi
     grads        float32 gradients (4 n_t), from the first backward to the optimizer step
     casts        bf16: autocast's bf16 copy of every weight (2 n; CUDA and CPU autocast both cache them), held for a
                  whole rollout, through each forward and its backward, and through each old-log-prob forward
-    reference    the frozen reference model when beta > 0: 2 n in bf16, 4 n in float32
+    reference    the frozen reference model when beta > 0: 2 n in bf16, 4 n in float32; none with LoRA (--lora_r:
+                 the reference is the same weights with the adapters off), whose adapters are the n_t trained
     kv_cache     K and V of every layer for the rows of one generation call (--generation_batch_size), each with
                  its prompt (padded to the longest) + completion + one segment of reserved room (grpo.rollout).
                  V at a bytes; K at 4 even under autocast: the rotary cos/sin follow the float32 residual stream
@@ -89,7 +94,8 @@ def plan(c: Qwen2Config, P: list[int], T: list[int], *, num_generations: int, mi
     from grpo.rollout import SEGMENT_TOKENS
     s = sizes(c)
     n = s["n_body"] + s["n_head"]
-    n_t = n if trainable_params is None else trainable_params               # LoRA: the adapters' parameter count
+    n_t = lora_r * s["lora_per_rank"] if lora_r else n if trainable_params is None else trainable_params
+    n += n_t if lora_r else 0                                                # the adapters are weights too
     a, G = (2 if bf16 else 4), num_generations
     H, I, V, layers = c.hidden_size, c.intermediate_size, c.vocab_size, c.num_hidden_layers
     rows = len(P)
@@ -100,7 +106,7 @@ def plan(c: Qwen2Config, P: list[int], T: list[int], *, num_generations: int, mi
     chunk = min(logprob_chunk_size, mb * max(T))
     layer = 2 * (4 * I + 10 * H) * a * mb * longest                      # one layer, activations + gradients
     terms = dict(baseline=baseline_gb * 1e9, state=4 * n + 8 * n_t, grads=4 * n_t, casts=2 * n if bf16 else 0,
-                 reference=(2 if bf16 else 4) * n if beta > 0 else 0,
+                 reference=(2 if bf16 else 4) * n if beta > 0 and not lora_r else 0,
                  kv_cache=s["kv_elements"] // 2 * (4 + a) * live * (max(P) + max(T) + (segment or SEGMENT_TOKENS)),
                  prefill=3 * I * a * prompts_per_call * max(P),
                  sampling=2 * 4 * live * V,
@@ -185,7 +191,7 @@ def plan_for_flags(m: Memory, cfg, micro_batch_size=None, generation_batch_size=
                 logprob_chunk_size=cfg.logprob_chunk_size, beta=cfg.beta,
                 gradient_checkpointing=cfg.gradient_checkpointing, bf16=use_bf16(cfg.bf16, m.device),
                 old_logprobs=cfg.steps_per_generation > 1, steps_per_generation=cfg.steps_per_generation,
-                trainable_params=m.trainable_params or None,
+                trainable_params=m.trainable_params or None, lora_r=cfg.lora_r,
                 baseline_gb=baseline_gb)
 
 
