@@ -211,8 +211,8 @@ def configure(argv=None) -> Config:
         (bool(lora.target_names(cfg.lora_target_modules)) and not set(lora.target_names(cfg.lora_target_modules))
          & set(lora.UNREACHABLE), f"--lora_target_modules {cfg.lora_target_modules!r}: name at least one linear layer "
                                   f"of the decoder; {' and '.join(lora.UNREACHABLE)} cannot take adapters here"),
-        (not (cfg.fsdp and cfg.lora_r), "--fsdp with --lora_r: not supported (the frozen weights would be sharded "
-                                        "for nothing much); use DDP: drop --fsdp"),
+        (not (cfg.fsdp and cfg.lora_r), "--fsdp with --lora_r: not supported (sharding frozen weights next to "
+                                        "trained adapters is not implemented here); use DDP: drop --fsdp"),
         (cfg.lora_r or not cfg.merge_lora, "--merge_lora needs --lora_r > 0 (there are no adapters to merge)"),
     ]
     for ok, message in checks:
