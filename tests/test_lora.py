@@ -297,3 +297,17 @@ def test_bench_memory_plan_counts_lora_state_exactly():
     assert plan["terms"]["state"] == pytest.approx(state, rel=1e-12)
     assert plan["terms"]["grads"] == pytest.approx(nbytes(p.grad for p in trained), rel=1e-12)
     assert plan["terms"]["reference"] == 0                   # beta > 0, but the reference is the adapters off
+
+
+def test_ddp_on_two_ranks_then_resume_in_one_process(tmp_path):
+    """DDP over 2 ranks (gloo, forked as torchrun would start them) with LoRA and the reference in use: rank 0
+    saves the adapters and the adapters' AdamW state once, and one process resumes from them."""
+    from test_distributed import SHORT as DIST_SHORT
+    from test_distributed import run_ranks
+    args = ["--lora_r", "4", "--beta", "0.1", "--learning_rate", "1e-2"] + DIST_SHORT   # kl well above float32 rounding
+    run_ranks(2, train.main, ["--output_dir", str(tmp_path), "--max_steps", "1"] + args)
+    state = ckpt.load_trainer_state(tmp_path / "checkpoint-000001")
+    assert len(state["optimizer"]["state"]) == 7 * 2 * 2 and all(".lora_" in k for k in state["optimizer"]["state"])
+    train.main(["--output_dir", str(tmp_path), "--resume", str(tmp_path), "--max_steps", "2"] + args)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    assert all(r["kl"] >= 0 for r in read_metrics(tmp_path)) and read_metrics(tmp_path)[1]["kl"] > 0
