@@ -92,10 +92,11 @@ def load_trainer_state(checkpoint: Path, trust_remote_code: bool = False) -> dic
         raise ValueError(f"the weights lack {len(missing)} of the model's {len(expected)} tensors (e.g. {missing[0]})")
     if unexpected:
         raise ValueError(f"the weights hold {len(unexpected)} tensor(s) the model lacks (e.g. {unexpected[0]})")
+    described_by = "adapter_config.json" if adapters else "config.json"
     for name, (shape, dtype) in expected.items():
         if found[name] != (shape, SAFETENSORS_DTYPES.get(dtype, str(dtype))):
             raise ValueError(f"{name} is {found[name][1]} {found[name][0]} in the weights; "
-                             f"the config makes it {SAFETENSORS_DTYPES.get(dtype, dtype)} {shape}")
+                             f"{described_by} makes it {SAFETENSORS_DTYPES.get(dtype, dtype)} {shape}")
     state = torch.load(checkpoint / "trainer_state.pt", weights_only=True, map_location="cpu")
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise ValueError("trainer_state.pt has no integer 'step'")
