@@ -135,8 +135,8 @@ class Config:
     eval_data: str = field("auto", "held-out set on which the start, warm-start and final models are compared at "
                                    "the end: 'demo' (its test split), 'toolrl' (its test split), a ToolRL-format "
                                    "file, or 'none'; 'auto' = the test split of --data when it has one")
-    eval_every: int = field(0, "also evaluate the policy in memory on --eval_data every N GRPO steps and at the last "
-                               "(eval/... metrics, time/eval); 0 = only the end-of-run comparison")
+    eval_every: int = field(10, "also evaluate the policy in memory on --eval_data every N GRPO steps and at the last "
+                                "(eval/... metrics, time/eval); 0 = only the end-of-run comparison")
     eval_limit: int = field(0, "first N rows of --eval_data, during training and at the end; 0 = all")
 
 
@@ -145,7 +145,7 @@ TINY_PRESET = dict(
     data="demo", prompts_per_step=16, num_generations=8, max_prompt_length=512, max_new_tokens=96,
     temperature=1.0, max_steps=30, steps_per_generation=2, micro_batch_size=64, learning_rate=2e-4, beta=0.0,
     entropy_coef=0.0, gradient_checkpointing=False, sft_data="demo", sft_steps=600, sft_batch_size=16,
-    sft_learning_rate=3e-3, save_every=10, log_samples_every=10, cpu_threads=2, eval_every=10,
+    sft_learning_rate=3e-3, save_every=10, log_samples_every=10, cpu_threads=2,
 )
 
 
@@ -183,7 +183,7 @@ def configure(argv=None) -> Config:
     if cfg.eval_data == "none" and cfg.eval_every > 0:  # (a negative value is refused below)
         if "eval_every" in given:
             fail(f"--eval_every {cfg.eval_every} needs a held-out set: --eval_data is none")
-        cfg = replace(cfg, eval_every=0)            # the preset's, with nothing to evaluate
+        cfg = replace(cfg, eval_every=0)            # the default's, with nothing to evaluate
     for name in ("prompts_per_step", "max_prompt_length", "max_new_tokens", "generation_batch_size",
                  "max_steps", "steps_per_generation", "micro_batch_size", "logprob_chunk_size",
                  "save_every", "keep_checkpoints", "log_samples_every", "max_bad_steps", "sft_batch_size"):

@@ -59,8 +59,9 @@ def test_eval_every_needs_a_held_out_set(capsys):
     with pytest.raises(SystemExit) as e:
         train.configure(["--eval_data", "none", "--eval_every", "5"])
     assert e.value.code == 2 and "--eval_every 5 needs a held-out set" in capsys.readouterr().err
-    assert train.configure(["--eval_data", "none"]).eval_every == 0   # the tiny preset's 10, with nothing to run
-    assert train.configure([]).eval_every == 10 and train.configure(["--model", "x/y"]).eval_every == 0
+    assert train.configure(["--eval_data", "none"]).eval_every == 0   # the default 10, with nothing to run
+    assert train.configure([]).eval_every == 10 and train.configure(["--model", "x/y"]).eval_every == 10
+    assert train.configure(["--model", "x/y", "--data", "rows.jsonl"]).eval_every == 0     # a file: no split
 
 
 def test_evaluating_does_not_change_the_run(eval_run, tmp_path):
