@@ -29,3 +29,20 @@ def tiny_model_dir(tmp_path_factory):
     Its generation_config.json holds Qwen2.5-Instruct's sampling defaults on purpose."""
     from grpo.tiny import save_tiny_model
     return save_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+def run_then_sigkill(args: list[str], when: Path) -> None:
+    """Run `python train.py ARGS` and kill it with SIGKILL (whatever it is doing at that moment) as soon as `when`
+    exists (or after 120 s, or when it ends first)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, str(repo / "train.py"), *args], cwd=repo, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not when.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

@@ -1,10 +1,7 @@
 """LoRA through peft (grpo/lora.py, train.py --lora_r): what trains, the reference, checkpoints, merging."""
 import copy
 import json
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +11,7 @@ from safetensors.torch import load_file, save_file
 pytest.importorskip("peft")
 import eval as eval_py  # noqa: E402
 import train  # noqa: E402
+from conftest import run_then_sigkill  # noqa: E402
 from grpo import checkpoint as ckpt  # noqa: E402
 from grpo import lora  # noqa: E402
 from grpo.logprobs import CompletionLogprobs  # noqa: E402
@@ -214,13 +212,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(lora_run, tmp_path):
     """As test_train.py's kill test, with LoRA: the resumed run's adapters and metrics equal the uninterrupted
     run's, bit for bit (the base comes from sft-init, the adapters and AdamW state from the checkpoint)."""
     args = ["--merge_lora"] + LORA + SHORT
-    cmd = [sys.executable, str(REPO / "train.py"), "--output_dir", str(tmp_path)] + args
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (tmp_path / "checkpoint-000002").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    run_then_sigkill(["--output_dir", str(tmp_path)] + args, when=tmp_path / "checkpoint-000002")
     assert not (tmp_path / "checkpoint-000004").exists()
     train.main(["--output_dir", str(tmp_path), "--resume", str(tmp_path)] + args)
     for name in ("checkpoint-000004/adapter_model.safetensors", "merged/model.safetensors"):

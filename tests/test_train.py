@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import eval as eval_py
 import train
+from conftest import run_then_sigkill
 from data import load_examples
 from grpo import checkpoint as ckpt
 from grpo.logprobs import CompletionLogprobs
@@ -132,13 +133,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(demo_run, tmp_path):
     """Kill the process with SIGKILL while it trains (whatever it is doing at that moment), resume with
     --resume, and compare with the uninterrupted run: same weights, same metrics."""
     args = ["--max_steps", "4"] + SHORT
-    cmd = [sys.executable, str(REPO / "train.py"), "--output_dir", str(tmp_path)] + args
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (tmp_path / "checkpoint-000002").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    run_then_sigkill(["--output_dir", str(tmp_path)] + args, when=tmp_path / "checkpoint-000002")
     train.main(["--output_dir", str(tmp_path), "--resume", str(tmp_path)] + args)
     a, b = weights(demo_run / "checkpoint-000004"), weights(tmp_path / "checkpoint-000004")
     assert all(torch.equal(a[k], b[k]) for k in a)
