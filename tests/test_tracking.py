@@ -20,6 +20,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def test_tensorboard_holds_the_metrics_config_and_samples(tmp_path):
+    pytest.importorskip("tensorboard", reason="optional: pip install tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.util.tensor_util import make_ndarray
     train.main(["--output_dir", str(tmp_path), "--max_steps", "3", "--eval_data", "none",
@@ -64,6 +65,7 @@ def wandb_records(path: Path) -> list:
 
 
 def test_wandb_offline_run_holds_the_metrics_config_and_samples(tmp_path):
+    pytest.importorskip("wandb", reason="optional: pip install wandb")
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb_dir"), "WANDB_SILENT": "true",
            "WANDB_CONFIG_DIR": str(tmp_path / "wandb_config"), "WANDB_CACHE_DIR": str(tmp_path / "wandb_cache"),
            "WANDB_DATA_DIR": str(tmp_path / "wandb_data")}  # nothing outside tmp_path, no network
