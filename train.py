@@ -21,10 +21,13 @@ import os
 import shlex
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
 from data import DownloadError, build_prompts, load_examples
@@ -412,6 +415,9 @@ def sft_warm_start(cfg: Config, examples: list, policy: CompletionLogprobs, toke
     targets = [tokenizer(e.ground_truth, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
                for e in examples]
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.sft_learning_rate, weight_decay=cfg.weight_decay)
+    # with `seconds` (the control) the number of steps is unknown in advance: the base rate, constant
+    schedule = LambdaLR(optimizer, partial(lr_factor, cfg.sft_lr_scheduler_type, cfg.sft_warmup_steps, cfg.sft_steps)
+                        if seconds is None else lambda step: 1.0)
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed))
     device = next(policy.parameters()).device
     t0, step, bad = time.perf_counter(), start, BadSteps(cfg.max_bad_steps)
@@ -422,10 +428,6 @@ def sft_warm_start(cfg: Config, examples: list, policy: CompletionLogprobs, toke
         T = max(len(targets[i]) for i in idx)
         target_ids = torch.tensor([targets[i] + [pad_token_id(tokenizer)] * (T - len(targets[i])) for i in idx])
         target_mask = torch.tensor([[t < len(targets[i]) for t in range(T)] for i in idx])         # (b, T)
-        # with `seconds` (the control) the number of steps is unknown in advance: the base rate, constant
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.sft_learning_rate * (1.0 if seconds else lr_factor(
-                cfg.sft_lr_scheduler_type, cfg.sft_warmup_steps, cfg.sft_steps, step - start))
         ids = torch.cat([prompt_ids, target_ids], 1).to(device)
         attn = torch.cat([prompt_mask, target_mask.long()], 1).to(device)
         with autocast():
@@ -439,6 +441,7 @@ def sft_warm_start(cfg: Config, examples: list, policy: CompletionLogprobs, toke
         problem = None if torch.isfinite(grad_norm) else "loss or gradient in the warm start"
         if problem is None and not finite_weights(policy):
             problem = "weights after a warm-start step"
+        schedule.step()
         if bad.record(problem, step + 1):
             raise SystemExit(f"aborting the warm start: {len(bad.problems)} steps in a row met a non-finite value; "
                              f"nothing was saved. Try a lower --sft_learning_rate (now {cfg.sft_learning_rate}).")
@@ -508,12 +511,14 @@ def policy_update(policy, optimizer, rollout: Rollout, advantages, old_logp, ref
     return totals
 
 
-def stop_non_finite(cfg: Config, out: Path, step: int, model, tokenizer, optimizer, bad: BadSteps, start: str):
+def stop_non_finite(cfg: Config, out: Path, step: int, model, tokenizer, optimizer, schedule, bad: BadSteps,
+                    start: str):
     """--max_bad_steps steps in a row met NaN/inf: save the weights if they are still good (skipped steps left
     them as they were), and stop with one message. `start`: the model this run's GRPO steps started from."""
     rates = f"--learning_rate (now {cfg.learning_rate})"
     if not bad.weights_broken:
-        path = ckpt.save_checkpoint(out, step, model, tokenizer, optimizer, config_json(cfg), cfg.keep_checkpoints)
+        path = ckpt.save_checkpoint(out, step, model, tokenizer, optimizer, schedule, config_json(cfg),
+                                    cfg.keep_checkpoints)
         where = f"the weights from before them are saved in {path}"
     else:                                # they blew up: the last good ones are those saved before
         newest = ckpt.list_checkpoints(out)
@@ -666,11 +671,17 @@ def train(cfg: Config, data: tuple[list, list | None], resumed: tuple[Path, dict
         dist.load_optimizer_state(model, optimizer, resumed[1]["optimizer"])   # saved by any number of ranks
         start_step = resumed[1]["step"]
         print(f"resumed from {resumed[0]} at step {start_step}")
-    # The learning rate is a function of the step, like the prompt order, set at the start of each step: the
-    # checkpoint's step restores the schedule exactly. It comes from this command, not from the optimizer state
-    # just loaded, so that a resume with --allow_config_change runs at its new --learning_rate.
+    # --lr_scheduler_type: torch's LambdaLR over lr_factor, saved in every checkpoint's trainer state and restored
+    # from it. The rates come from this command, not from the optimizer state just loaded: after a resume with
+    # --allow_config_change the schedule is built anew at the checkpoint's step, so a new --learning_rate runs.
     for group in optimizer.param_groups:
-        group["weight_decay"] = cfg.weight_decay
+        group.update(weight_decay=cfg.weight_decay, initial_lr=cfg.learning_rate)
+    schedule = LambdaLR(optimizer, partial(lr_factor, cfg.lr_scheduler_type, cfg.warmup_steps, cfg.max_steps),
+                        last_epoch=start_step - 1)
+    # a step skipped for NaN/inf advances the schedule without an optimizer step: as meant, not worth a warning
+    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+    if resumed and not changes:
+        schedule.load_state_dict(resumed[1]["scheduler"])
 
     B, G = cfg.prompts_per_step, cfg.num_generations
     steps_per_epoch = len(prompts) // B
@@ -696,9 +707,7 @@ def train(cfg: Config, data: tuple[list, list | None], resumed: tuple[Path, dict
         epoch, position = divmod(step, steps_per_epoch)     # the prompt order is a function of (seed, epoch)
         order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed + epoch))
         batch = dist.shard(order[position * B:(position + 1) * B].tolist())  # distributed: this rank's B / ranks
-        learning_rate = cfg.learning_rate * lr_factor(cfg.lr_scheduler_type, cfg.warmup_steps, cfg.max_steps, step)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate
+        learning_rate = schedule.get_last_lr()[0]
         # Non-finite weights, or logits that become NaN/inf while sampling, skip the step (BadSteps).
         problem = None if finite_weights(model) else "weights"
         if problem is None:
@@ -716,8 +725,9 @@ def train(cfg: Config, data: tuple[list, list | None], resumed: tuple[Path, dict
         # distributed: logits differ by rank; if any rank met NaN/inf, every rank skips (the update is collective)
         if dist.sum_over_ranks(torch.tensor(float(problem is not None), device=device)).item() > 0:
             bar.update()
+            schedule.step()
             if bad.record(problem or "logits while sampling (on another rank)", step + 1):
-                stop_non_finite(cfg, out, step + 1, saved_model, tokenizer, optimizer, bad, start_model)
+                stop_non_finite(cfg, out, step + 1, saved_model, tokenizer, optimizer, schedule, bad, start_model)
             continue
         t1 = time.perf_counter()
 
@@ -760,6 +770,7 @@ def train(cfg: Config, data: tuple[list, list | None], resumed: tuple[Path, dict
         if step == start_step and changes:
             metrics["config_change"] = changes             # a resume with --allow_config_change: what changed
         metrics = dist.mean_over_ranks(metrics)             # distributed: per-rank shares -> the whole batch's
+        schedule.step()
         bar.update()
         if log:                                             # distributed: rank 0 alone logs
             log.write(metrics)
@@ -771,9 +782,10 @@ def train(cfg: Config, data: tuple[list, list | None], resumed: tuple[Path, dict
         problem = ("rewards" if not torch.isfinite(all_rewards).all() else "loss" if not math.isfinite(metrics["loss"])
                    else "gradient" if metrics["skipped"] else None)
         if bad.record(problem, step + 1):
-            stop_non_finite(cfg, out, step + 1, saved_model, tokenizer, optimizer, bad, start_model)
+            stop_non_finite(cfg, out, step + 1, saved_model, tokenizer, optimizer, schedule, bad, start_model)
         if ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps) and not bad.weights_broken:
-            ckpt.save_checkpoint(out, step + 1, saved_model, tokenizer, optimizer, config_json(cfg), cfg.keep_checkpoints)
+            ckpt.save_checkpoint(out, step + 1, saved_model, tokenizer, optimizer, schedule, config_json(cfg),
+                                 cfg.keep_checkpoints)
     bar.close()
     progress["step"] = cfg.max_steps
     if dist.rank() == 0:

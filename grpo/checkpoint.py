@@ -28,7 +28,7 @@ from grpo.io import atomic_path
 PREFIX = "checkpoint-"
 
 
-def save_checkpoint(output_dir: Path, step: int, model, tokenizer, optimizer, config_json: str,
+def save_checkpoint(output_dir: Path, step: int, model, tokenizer, optimizer, schedule, config_json: str,
                     keep: int) -> Path:
     """Write checkpoint-{step} atomically, then remove older checkpoints beyond the newest `keep` (this one
     included).
@@ -47,7 +47,8 @@ def save_checkpoint(output_dir: Path, step: int, model, tokenizer, optimizer, co
                 model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             (tmp / "train_config.json").write_text(config_json)
-            torch.save({"step": step, "optimizer": optimizer_state}, tmp / "trainer_state.pt")
+            torch.save({"step": step, "optimizer": optimizer_state, "scheduler": schedule.state_dict()},
+                       tmp / "trainer_state.pt")
         # only this run's older checkpoints: never the one just written, never a later step's
         older = [c for c in list_checkpoints(output_dir) if (n := checkpoint_step(c)) is not None and n < step]
         for old in older[max(keep - 1, 0):]:
@@ -102,6 +103,8 @@ def load_trainer_state(checkpoint: Path, trust_remote_code: bool = False) -> dic
         raise ValueError("trainer_state.pt has no integer 'step'")
     if not isinstance(state.get("optimizer"), dict) or not {"state", "param_groups"} <= state["optimizer"].keys():
         raise ValueError("trainer_state.pt has no 'optimizer' state dict (with 'state' and 'param_groups')")
+    if not isinstance(state.get("scheduler"), dict) or not {"last_epoch", "base_lrs"} <= state["scheduler"].keys():
+        raise ValueError("trainer_state.pt has no 'scheduler' state dict (with 'last_epoch' and 'base_lrs')")
     return state
 
 

@@ -62,7 +62,11 @@ def good_checkpoint(tiny_model_dir, tmp_path_factory):
     model = load_model(str(tiny_model_dir))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     return ckpt.save_checkpoint(tmp_path_factory.mktemp("run"), 4, model, load_tokenizer(str(tiny_model_dir)),
-                                optimizer, json.dumps({"seed": 0}), keep=2)
+                                optimizer, constant(optimizer), json.dumps({"seed": 0}), keep=2)
+
+
+def constant(optimizer):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
 def rewrite_weights(checkpoint: Path, change) -> None:
@@ -70,10 +74,12 @@ def rewrite_weights(checkpoint: Path, change) -> None:
     save_file(change(weights), checkpoint / "model.safetensors", metadata={"format": "pt"})
 
 
-def drop_optimizer(checkpoint: Path) -> None:
-    state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
-    del state["optimizer"]
-    torch.save(state, checkpoint / "trainer_state.pt")
+def drop(key: str):
+    def damage(checkpoint: Path) -> None:
+        state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
+        del state[key]
+        torch.save(state, checkpoint / "trainer_state.pt")
+    return damage
 
 
 # The tiny model has 26 tensors in its file: lm_head.weight is tied to the input embedding, so it is not saved.
@@ -88,7 +94,8 @@ DAMAGE = {
     "an extra tensor": (lambda c: rewrite_weights(c, lambda w: {**w, "extra.weight": torch.ones(2)}),
                         "the weights hold 1 tensor(s) the model lacks (e.g. extra.weight)"),
     "an empty config": (lambda c: (c / "config.json").write_text("{}"), "model_type"),
-    "no optimizer state": (drop_optimizer, "trainer_state.pt has no 'optimizer'"),
+    "no optimizer state": (drop("optimizer"), "trainer_state.pt has no 'optimizer'"),
+    "no scheduler state": (drop("scheduler"), "trainer_state.pt has no 'scheduler'"),
     "no trainer state": (lambda c: (c / "trainer_state.pt").unlink(), "missing trainer_state.pt"),
 }
 
@@ -122,8 +129,9 @@ def test_a_save_killed_midway_leaves_the_older_checkpoint_alone(good_checkpoint,
 
     monkeypatch.setattr(torch, "save", killed)
     with pytest.raises(KeyboardInterrupt):
-        ckpt.save_checkpoint(run, 5, model, load_tokenizer(str(tiny_model_dir)),
-                             torch.optim.AdamW(model.parameters()), "{}", keep=2)
+        optimizer = torch.optim.AdamW(model.parameters())
+        ckpt.save_checkpoint(run, 5, model, load_tokenizer(str(tiny_model_dir)), optimizer, constant(optimizer), "{}",
+                             keep=2)
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint-000004"]
 
 
@@ -145,8 +153,9 @@ def test_pruning_removes_only_older_checkpoints(good_checkpoint, tiny_model_dir,
     for step in (5, 8, 50, 60):
         (tmp_path / f"checkpoint-{step:06d}").mkdir()
     model = load_model(str(tiny_model_dir))
-    ckpt.save_checkpoint(tmp_path, 12, model, load_tokenizer(str(tiny_model_dir)),
-                         torch.optim.AdamW(model.parameters()), "{}", keep=2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    ckpt.save_checkpoint(tmp_path, 12, model, load_tokenizer(str(tiny_model_dir)), optimizer, constant(optimizer), "{}",
+                         keep=2)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [
         "checkpoint-000060", "checkpoint-000050", "checkpoint-000012", "checkpoint-000008"]
 
