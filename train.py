@@ -267,8 +267,8 @@ def load_data(cfg: Config) -> tuple[list, list | None]:
             sft_examples = examples
         else:
             sft_examples = load("sft_data", cfg.sft_data, "train" if cfg.sft_data in ("toolrl", "demo") else None)
-    if cfg.eval_data not in ("none", "demo", "toolrl"):
-        load("eval_data", cfg.eval_data, None)
+    if cfg.eval_data != "none":                    # a file, or a named set's test split (toolrl: downloaded now)
+        load("eval_data", cfg.eval_data, "test" if cfg.eval_data in ("toolrl", "demo") else None)
     return examples, sft_examples
 
 

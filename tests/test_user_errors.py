@@ -122,6 +122,9 @@ def test_the_toolrl_download_while_offline(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(data.loaders, "TOOLRL_RAW", "http://127.0.0.1:9/")
     line = one_line_error(capsys, lambda: train.main(["--data", "toolrl", "--output_dir", str(tmp_path / "run")]))
     assert line.startswith("train.py: error: --data toolrl: could not download rlla_rl.json") and "--data PATH" in line
+    # the held-out set too, before training rather than after it
+    line = one_line_error(capsys, lambda: train.main(["--eval_data", "toolrl", "--output_dir", str(tmp_path / "run")]))
+    assert line.startswith("train.py: error: --eval_data toolrl: could not download rlla_rl.json")
 
 
 def test_eval_errors_are_one_line(tmp_path, capsys, monkeypatch):
