@@ -438,9 +438,8 @@ def sft_warm_start(cfg: Config, examples: list, policy: CompletionLogprobs, toke
         if torch.isfinite(grad_norm):                      # a non-finite loss has a non-finite gradient too
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        # broken weights show here too, in the next step's loss: no pass over the weights is needed
         problem = None if torch.isfinite(grad_norm) else "loss or gradient in the warm start"
-        if problem is None and not finite_weights(policy):
-            problem = "weights after a warm-start step"
         schedule.step()
         if bad.record(problem, step + 1):
             raise SystemExit(f"aborting the warm start: {len(bad.problems)} steps in a row met a non-finite value; "
@@ -503,9 +502,8 @@ def policy_update(policy, optimizer, rollout: Rollout, advantages, old_logp, ref
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
         if torch.isfinite(grad_norm):
             optimizer.step()
-        else:                                              # a NaN/inf step would poison the weights: skip it
+        else:                           # a NaN/inf step would poison the weights: skip it (BadSteps reports it)
             totals["skipped"] += 1
-            print(f"non-finite gradient norm ({grad_norm.item()}): optimizer step skipped")
         optimizer.zero_grad(set_to_none=True)
         totals["grad_norm"] += grad_norm.item() / cfg.steps_per_generation
     return totals
