@@ -244,19 +244,22 @@ def configure(argv=None) -> Config:
     return cfg
 
 
-def load_data(cfg: Config) -> tuple[list, list | None]:
-    """(examples, warm-start examples) of --data and --sft_data; the --eval_data set is read once too, so that
-    a bad file stops the run now, not after training. A mistake stops with one line naming the flag."""
-    def load(flag: str, source: str, split: str | None) -> list:
+def load_data(cfg: Config) -> tuple[list, list | None, list | None]:
+    """(examples, warm-start examples, held-out items) of --data, --sft_data and --eval_data, all read before
+    training: a bad held-out file stops the run now, not after it. A mistake stops with one line naming the flag."""
+    def load(flag: str, source: str, read) -> list:
         try:
-            examples = load_examples(source, split=split, skip_bad_rows=cfg.skip_bad_rows)
+            examples = read()
         except (DownloadError, ValueError, FileNotFoundError, ImportError) as e:   # DownloadError: already one line
             fail(f"--{flag} {source}: {e}")
         if not examples:
             fail(f"--{flag} {source}: no usable rows")
         return examples
 
-    examples = load("data", cfg.data, cfg.data_split)
+    def rows(source: str, split: str | None):
+        return lambda: load_examples(source, split=split, skip_bad_rows=cfg.skip_bad_rows)
+
+    examples = load("data", cfg.data, rows(cfg.data, cfg.data_split))
     if cfg.prompts_per_step > len(examples):
         fail(f"--prompts_per_step {cfg.prompts_per_step} is more than the {len(examples)} prompts of --data {cfg.data}")
     sft_examples = None
@@ -266,10 +269,14 @@ def load_data(cfg: Config) -> tuple[list, list | None]:
         if cfg.sft_data == cfg.data:                       # the same split as GRPO's prompts: train, never test
             sft_examples = examples
         else:
-            sft_examples = load("sft_data", cfg.sft_data, "train" if cfg.sft_data in ("toolrl", "demo") else None)
-    if cfg.eval_data != "none":                    # a file, or a named set's test split (toolrl: downloaded now)
-        load("eval_data", cfg.eval_data, "test" if cfg.eval_data in ("toolrl", "demo") else None)
-    return examples, sft_examples
+            sft_examples = load("sft_data", cfg.sft_data,
+                                rows(cfg.sft_data, "train" if cfg.sft_data in ("toolrl", "demo") else None))
+    eval_items = None
+    if cfg.eval_data != "none":                     # eval.py's own loader (toolrl: downloaded now)
+        from eval import BENCHMARKS
+        config = heldout_config(cfg, device="cpu")
+        eval_items = load("eval_data", cfg.eval_data, lambda: BENCHMARKS[config.benchmarks].load(config))
+    return examples, sft_examples, eval_items
 
 
 def fail(message: str):
@@ -536,7 +543,8 @@ def heldout_config(cfg: Config, device: str, models=(), output_dir: Path | str =
                       output_dir=str(output_dir), limit=cfg.eval_limit,
                       toolrl_data="" if cfg.eval_data in ("demo", "toolrl") else cfg.eval_data,
                       max_new_tokens=cfg.max_new_tokens, max_prompt_tokens=cfg.max_prompt_length, device=device,
-                      bf16="true" if bf16 else "false", trust_remote_code=cfg.trust_remote_code)
+                      bf16="true" if bf16 else "false", trust_remote_code=cfg.trust_remote_code,
+                      skip_bad_rows=cfg.skip_bad_rows)
 
 
 def evaluate_policy(model, tokenizer, items: list, config) -> dict[str, float]:
@@ -550,17 +558,17 @@ def evaluate_policy(model, tokenizer, items: list, config) -> dict[str, float]:
     return {**{f"eval/{k}": v for k, v in benchmark.summarize(rows).items()}, "time/eval": time.perf_counter() - t0}
 
 
-def evaluate_heldout(cfg: Config, models: dict[str, str], output_dir: Path, device: str,
+def evaluate_heldout(cfg: Config, models: dict[str, str], items: list | None, output_dir: Path, device: str,
                      bf16: bool) -> dict[str, float] | None:
-    """The paper's comparison in miniature: each of `models` ({label: path}) answers the held-out split greedily,
-    scored by eval.py's own code (predictions and summary in output_dir, as `python eval.py --model ...` writes
-    them). Prints one row per model; returns {label: exact match}."""
+    """The paper's comparison in miniature: each of `models` ({label: path}) answers the held-out `items`
+    (load_data's) greedily, scored by eval.py's own code (predictions and summary in output_dir, as
+    `python eval.py --model ...` writes them). Prints one row per model; returns {label: exact match}."""
     if cfg.eval_data == "none":
         return None
     from eval import evaluate, paper_table, plain
     config = heldout_config(cfg, device, models.values(), output_dir, bf16)
     benchmark = config.benchmarks
-    summary = evaluate(config)
+    summary = evaluate(config, {benchmark: items})
     print(f"\nheld-out {cfg.eval_data} set, greedy ({output_dir}):\n"
           + plain(paper_table(summary, benchmark, {path: label for label, path in models.items()})))
     return {label: summary[path][benchmark]["exact_match"] for label, path in models.items()}
@@ -589,7 +597,7 @@ def main(argv=None):
         raise SystemExit(130)      # 128 + SIGINT, as a shell reports it
 
 
-def train(cfg: Config, data: tuple[list, list | None], resumed: tuple[Path, dict] | None, changes: dict,
+def train(cfg: Config, data: tuple[list, list | None, list | None], resumed: tuple[Path, dict] | None, changes: dict,
           progress: dict):
     """The run: warm start, then the GRPO loop; `progress["step"]` counts the steps done. `data`: load_data's;
     `resumed`, `changes`: resume_point's."""
@@ -622,7 +630,7 @@ def train(cfg: Config, data: tuple[list, list | None], resumed: tuple[Path, dict
             save_tiny_model(model_path, **DEMO_MODEL)
         dist.barrier()
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
-    examples, sft_examples = data
+    examples, sft_examples, eval_items = data
     prompts, n_truncated = build_prompts(tokenizer, examples, cfg.max_prompt_length)
     if cfg.resume and resumed is None:
         print(f"--resume {cfg.resume}: no checkpoint there yet; starting from step 0")
@@ -692,10 +700,7 @@ def train(cfg: Config, data: tuple[list, list | None], resumed: tuple[Path, dict
     log = StepLog(out, cfg.max_steps, start_step, tracker) if dist.rank() == 0 else None
     bad, start_model = BadSteps(cfg.max_bad_steps), str(resumed[0]) if resumed else ref_path
     bar = tqdm(total=cfg.max_steps, initial=start_step, desc="GRPO steps", unit="step", disable=dist.rank() > 0)
-    if cfg.eval_every:              # the held-out set, loaded once; every rank evaluates (FSDP gathers on all)
-        from eval import BENCHMARKS
-        eval_config = heldout_config(cfg, device)
-        eval_items = BENCHMARKS[eval_config.benchmarks].load(eval_config)
+    eval_config = heldout_config(cfg, device)      # --eval_every: every rank evaluates (FSDP gathers on all)
 
     # ---- the loop: sample -> score -> advantages -> update -> log -> save
     for step in range(start_step, cfg.max_steps):
@@ -795,7 +800,7 @@ def train(cfg: Config, data: tuple[list, list | None], resumed: tuple[Path, dict
         if cfg.sft_steps:
             models[f"warm start ({Path(ref_path).name})"] = ref_path
         models[f"GRPO ({final.name})"] = str(final)
-        exact = evaluate_heldout(cfg, models, out / "eval", device, bf16)
+        exact = evaluate_heldout(cfg, models, eval_items, out / "eval", device, bf16)
         plot = plot_rewards(out, exact)
         print(trend(out))
         print(f"\nnewest checkpoint: {final}\nmetrics: {out / 'metrics.jsonl'}"

@@ -54,7 +54,7 @@ def main(argv=None):
     tokenizer = load_tokenizer(str(run / "sft-init"))
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    _, sft_examples = train.load_data(cfg)
+    _, sft_examples, eval_items = train.load_data(cfg)
     bf16 = use_bf16(cfg.bf16, "cpu")                    # the run's precision (--bf16 true on a CPU, or float32)
     steps = train.sft_warm_start(cfg, sft_examples, CompletionLogprobs(model, cfg.logprob_chunk_size), tokenizer,
                                  bf16_autocast("cpu", bf16), start=cfg.sft_steps, seconds=grpo_seconds)
@@ -70,7 +70,7 @@ def main(argv=None):
               f"warm start: {cfg.sft_steps} SFT steps": str(run / "sft-init"),
               f"+ {len(rows)} GRPO steps, {grpo_seconds:.0f} s": str(ckpt.list_checkpoints(run)[0]),
               f"+ {steps} SFT steps, {control_seconds:.0f} s": str(run / "sft-control")}
-    train.evaluate_heldout(cfg, models, run / "sft-control-eval", "cpu", bf16)
+    train.evaluate_heldout(cfg, models, eval_items, run / "sft-control-eval", "cpu", bf16)
 
 
 if __name__ == "__main__":

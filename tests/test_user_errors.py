@@ -98,9 +98,10 @@ def test_skip_bad_rows_is_a_flag_and_named_in_the_error(tmp_path, capsys):
     path = data_file(tmp_path, "mine.json", json.dumps(rows).encode())
     line = one_line_error(capsys, lambda: train.main(["--data", path, "--output_dir", str(tmp_path / "run")]))
     assert "row 5: field 'input'" in line and "--skip_bad_rows" in line and "skip_bad_rows=True" not in line
-    cfg = train.configure(["--data", path, "--skip_bad_rows"])
-    examples, sft_examples = train.load_data(cfg)
+    cfg = train.configure(["--data", path, "--skip_bad_rows", "--eval_data", path])
+    examples, sft_examples, eval_items = train.load_data(cfg)
     assert len(examples) == 19 and sft_examples is examples    # --model tiny --data FILE: the warm start uses FILE
+    assert len(eval_items) == 19                                # the held-out set too, read once, as eval.py reads it
     assert "row 5: field 'input'" in capsys.readouterr().out
 
 
