@@ -30,8 +30,8 @@ replaced until all are scored. Every file is written whole or not at all (grpo/i
 import dataclasses
 import json
 import re
-import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -43,6 +43,7 @@ from data.bfcl import CATEGORIES as BFCL_CATEGORIES
 from data.bfcl import load_category
 from data.formats import ground_truth_calls
 from data.jsonl import read_jsonl
+from grpo import cli
 from grpo.cli import config_json, field, parse_config
 from grpo.io import atomic_path, atomic_write_text
 from grpo.model import check_model_source, load_model_and_tokenizer, use_bf16
@@ -289,10 +290,7 @@ def benchmark_names(config: EvalConfig) -> list[str]:
     return [b.strip() for b in config.benchmarks.split(",") if b.strip()]
 
 
-def fail(message: str):
-    """Stop with one line on stderr and exit code 2, as for a bad command line."""
-    print(f"eval.py: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+fail = partial(cli.fail, "eval.py")   # one line on stderr, exit code 2
 
 
 def main(config: EvalConfig) -> dict:

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from data import DownloadError, build_prompts, load_examples
 from grpo import checkpoint as ckpt
-from grpo import dist, lora
+from grpo import cli, dist, lora
 from grpo.cli import FALSE_WORDS, TRUE_WORDS, config_json, field, parse_config
 from grpo.io import atomic_path, atomic_write_text, remove
 from grpo.logprobs import CompletionLogprobs
@@ -153,8 +153,9 @@ TINY_PRESET = dict(
 
 
 # The fields a --resume may change freely: where files go, how often to save, log and evaluate, and memory or
-# speed knobs that leave the math as it was (--fsdp too: any number of ranks, sharded or not, resumes any checkpoint). Any other difference from the checkpoint's config changes the run's
-# course, and needs --allow_config_change. (--max_steps also moves a decaying schedule: compared then.)
+# speed knobs that leave the math as it was (--fsdp too: any number of ranks, sharded or not, resumes any
+# checkpoint). Any other difference from the checkpoint's config changes the run's course, and needs
+# --allow_config_change. (--max_steps also moves a decaying schedule: compared then.)
 FREE_ON_RESUME = {"output_dir", "resume", "overwrite_output_dir", "allow_config_change", "trust_remote_code",
                   "cpu_threads", "fsdp", "generation_batch_size", "compile_generation", "micro_batch_size",
                   "gradient_checkpointing", "logprob_chunk_size", "save_every", "keep_checkpoints",
@@ -279,10 +280,7 @@ def load_data(cfg: Config) -> tuple[list, list | None, list | None]:
     return examples, sft_examples, eval_items
 
 
-def fail(message: str):
-    """Stop with one line on stderr and exit code 2 (argparse's convention for a bad command line)."""
-    print(f"train.py: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+fail = partial(cli.fail, "train.py")   # one line on stderr, exit code 2
 
 
 # What a run writes into --output_dir (tiny-init/ is the same for every run and stays)

@@ -52,11 +52,17 @@ def _base_type(hint):
 PARSERS = {bool: _parse_bool, float: _parse_float}
 
 
+def fail(prog: str, message: str):
+    """Stop with one line on stderr, `prog: error: message`, and exit code 2 (argparse's for a bad command line)."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a mistake prints one line (`prog: error: ...`, exit code 2), not the whole usage."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        fail(self.prog, f"{message} (see --help)")
 
 
 def parse_config(cls, argv: list[str] | None = None, shown_defaults: dict[str, str] | None = None,
