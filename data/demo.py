@@ -22,6 +22,12 @@ Generation is deterministic: one `random.Random(seed)` drives it (the global RNG
 and rows are de-duplicated on their prompt, so the three splits never share a prompt. The test
 split is drawn first and validation next, so resizing the train split leaves both unchanged.
 Validation is for choosing hyperparameters; test is only for the final numbers.
+
+`teacher_rows()` ("demo-sft", the demo run's warm-start data) is the train split answered by an
+imperfect teacher, as supervised data are often another model's outputs. Its one habit comes from
+OpenAI's function-calling format: in half of the rows that call tools it writes `"arguments"` where
+ToolRL's format has `"parameters"`, so those calls score the minimum correctness. The prompts are the
+train split's; only those targets differ from the gold ones.
 """
 from __future__ import annotations
 
@@ -40,6 +46,8 @@ TWO_CALL_FRACTION = 0.2
 NO_TOOL_FRACTION = 0.1
 # At most this many parameters over all listed tools: keeps every prompt short (see module doc).
 MAX_LISTED_PARAMS = 5
+# The teacher of "demo-sft" (teacher_rows): the fraction of its tool-calling rows that say "arguments".
+TEACHER_HABIT_FRACTION = 0.5
 
 
 @dataclass(frozen=True)
@@ -339,8 +347,22 @@ def demo_rows(split: str, seed: int = DEMO_SEED) -> list[dict]:
         start += size
 
 
+def teacher_rows(seed: int = DEMO_SEED) -> list[dict]:
+    """The train split with the teacher's targets: in a TEACHER_HABIT_FRACTION of the rows that call tools,
+    every call's `"parameters"` key is `"arguments"`. The thought, the values and the no-tool rows are the
+    gold ones; "calls" stays the gold calls."""
+    rng = random.Random(seed + 1)           # its own stream: the train split itself is unchanged
+    rows = []
+    for row in demo_rows("train", seed):
+        if row["calls"] and rng.random() < TEACHER_HABIT_FRACTION:
+            target = ground_truth(row["calls"]).replace('"parameters": ', '"arguments": ')
+            row = {**row, "ground_truth": target}
+        rows.append(row)
+    return rows
+
+
 def demo_texts(seed: int = DEMO_SEED) -> list[str]:
-    """Every system prompt, user turn and ground truth of both splits: the corpus the tiny
-    tokenizer is trained on (so that demo prompts tokenise short)."""
+    """Every system prompt, user turn and ground truth of the three splits, and the teacher's targets: the
+    corpus the tiny tokenizer is trained on (so that demo prompts and targets tokenise short)."""
     return [row[key] for split in SPLIT_SIZES for row in demo_rows(split, seed)
-            for key in ("system", "user", "ground_truth")]
+            for key in ("system", "user", "ground_truth")] + [row["ground_truth"] for row in teacher_rows(seed)]

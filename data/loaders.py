@@ -1,4 +1,4 @@
-"""`load_examples`: a file path or a name ("toolrl", "toolrl-sft", "apibank", "demo") -> a checked
+"""`load_examples`: a file path or a name ("toolrl", "toolrl-sft", "apibank", "demo", "demo-sft") -> a checked
 list of `Example`s.
 
 The format is read from the file: `.parquet` is verl's layout, `.jsonl` is `{messages,
@@ -8,7 +8,8 @@ rows (see `data/formats.py`).
 Names. "toolrl" (the paper's 4K RL set), "toolrl-sft" (its SFT400 set) and "apibank" (levels 1-3
 as ToolRL processed them) are files of ToolRL's repository at one pinned commit, downloaded once
 into `cache_dir()` and checked against a hash written here before they are used. "demo" is built
-by code (data/demo.py).
+by code (data/demo.py), and so is "demo-sft", its train split answered by an imperfect teacher (the demo
+run's warm-start data, as "toolrl-sft" is the paper's).
 
 Splits. `split=None` returns every row of the source, in file order. `split="train"/"test"`
 (and "validation" for the demo) applies the source's own split, which exists for two kinds of source only:
@@ -33,7 +34,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from data.demo import demo_rows
+from data.demo import demo_rows, teacher_rows
 from data.jsonl import read_numbered_jsonl
 from data.formats import (BadRow, Example, chat, check_ground_truth, from_apibank, from_jsonl, from_toolrl,
                           from_verl)
@@ -46,9 +47,11 @@ DEMO_SPLITS = ("train", "validation", "test")
 
 def load_examples(source: str, split: str | None = None, skip_bad_rows: bool = False) -> list[Example]:
     """Examples from `source`: a path (.json, .jsonl, .parquet) or a name: "toolrl", "toolrl-sft",
-    "apibank" (all three levels, `meta["level"]` 1-3) or "demo".
+    "apibank" (all three levels, `meta["level"]` 1-3), "demo" or "demo-sft" (the demo's train prompts with
+    an imperfect teacher's targets, data/demo.py).
 
-    Every row is checked (fields and types, and the ground truth's `<tool_call>` block parses).
+    Every row is checked (fields and types, and the ground truth's `<tool_call>` block parses), except
+    demo-sft's, whose targets are the teacher's (half of their calls say "arguments"), not ground truths.
     A bad row raises ValueError naming the file, where the row is (the 1-based line of a .jsonl file, the
     1-based row of a .json list or .parquet table) and the problem; with `skip_bad_rows=True` (train.py's and
     eval.py's --skip_bad_rows) bad rows are dropped instead and listed on stdout. A file with no rows is an
@@ -58,6 +61,11 @@ def load_examples(source: str, split: str | None = None, skip_bad_rows: bool = F
         if split is not None and split not in DEMO_SPLITS:
             raise ValueError(f"the demo set's splits are {', '.join(DEMO_SPLITS)}; got {split!r}")
         return demo_examples(split)
+    if source == "demo-sft":         # the teacher's targets, to imitate; not gold calls to score against
+        if split is not None:
+            raise ValueError(f"'demo-sft' is one split (the demo's train prompts); pass split=None, not {split!r}")
+        return [Example(f"demo-sft-{i}", chat(row["system"], row["user"]), row["ground_truth"],
+                        meta={"num_calls": len(row["calls"])}) for i, row in enumerate(teacher_rows())]
     if split is not None and split not in SPLITS:
         raise ValueError(f"split must be None, 'train' or 'test', got {split!r}")
     if source in DATASETS:
@@ -235,7 +243,7 @@ DATASETS = {
                                     (3, "57228427976f05725d9cf2f0ab03ac16487efaed67d5a929b28e974b9b27ef05")]),
         "pass a folder holding the three level-N-api_processed.json files with eval.py --apibank_dir PATH"),
 }
-NAMES = (*DATASETS, "demo")
+NAMES = (*DATASETS, "demo", "demo-sft")
 
 
 class DownloadError(SystemExit):

@@ -71,8 +71,11 @@ def test_dropping_finished_rows_changes_no_token(sharp_tiny, segment, one_thread
     the cache) mid-way must not change any other row's tokens, masks or truncation flags."""
     model, tok, prompts = sharp_tiny
     monkeypatch.setattr(R, "SEGMENT_TOKENS", segment)
-    kwargs = dict(num_generations=2, max_new_tokens=40, temperature=1e-6, eos_ids=[934, 1499, 1547, 1253, 1531, 1565],
-                  pad_id=R.pad_token_id(tok), batch_size=4)
+    kwargs = dict(num_generations=2, max_new_tokens=40, temperature=1e-6, pad_id=R.pad_token_id(tok), batch_size=4)
+    # EOS ids: the token each prompt's completion has at step 4, 9, 14, ... when nothing ends it
+    endless = R.generate_rollout(model, prompts, eos_ids=[model.config.vocab_size], **kwargs)
+    completions = endless.input_ids[::2, -40:]
+    kwargs["eos_ids"] = sorted({int(completions[i, 4 + 5 * i]) for i in range(len(prompts))})
     ours = R.generate_rollout(model, prompts, **kwargs)
     plain = bench_grpo.plain_generate_rollout(model, prompts, **kwargs)
     lengths = plain.completion_mask.sum(1)

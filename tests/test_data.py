@@ -162,6 +162,22 @@ def test_demo_values_are_copied_from_the_request():
                 assert (f'"{value}"' if isinstance(value, str) else f" {value}") in row["user"], (value, row["user"])
 
 
+def test_demo_sft_is_the_train_split_with_the_teachers_habit_in_half_the_calls():
+    train, taught = load_examples("demo", split="train"), load_examples("demo-sft")
+    assert [e.messages for e in taught] == [e.messages for e in train]      # the same prompts, never held-out ones
+    habit = 0
+    for gold, teacher in zip(train, taught):
+        if teacher.ground_truth != gold.ground_truth:     # the same thought, names and values; "arguments" in each call
+            calls = ground_truth_calls(gold.ground_truth)
+            assert teacher.ground_truth == gold.ground_truth.replace('"parameters": ', '"arguments": ')
+            assert teacher.ground_truth.count('"arguments": ') == len(calls) > 0
+            habit += 1
+    assert 0.45 < habit / sum("<tool_call>" in e.ground_truth for e in train) < 0.55
+    assert load_examples("demo-sft") == taught
+    with pytest.raises(ValueError, match="'demo-sft' is one split"):
+        load_examples("demo-sft", split="train")
+
+
 def test_resizing_the_train_split_keeps_validation_and_test(monkeypatch):
     before = {s: demo_rows(s) for s in ("validation", "test")}
     monkeypatch.setitem(demo.SPLIT_SIZES, "train", 50)
