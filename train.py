@@ -121,7 +121,8 @@ class Config:
     merge_lora: bool = field(False, "with --lora_r: at the end also write merged/, the model with the adapters folded "
                                     "into its weights (an HF model directory; no peft needed to load it)")
     # supervised warm start (also the paper's SFT400 baselines)
-    sft_data: str | None = field(None, "data for supervised steps on ground truths before GRPO")
+    sft_data: str | None = field(None, "data for supervised steps on its targets before GRPO (a file, toolrl-sft, "
+                                       "demo, or demo-sft: the demo's train prompts answered by an imperfect teacher)")
     sft_steps: int = field(0, "supervised optimizer steps before GRPO")
     sft_batch_size: int = field(16, "examples per supervised step")
     sft_learning_rate: float = field(1e-5, "learning rate of the supervised warm start")
@@ -147,7 +148,7 @@ class Config:
 TINY_PRESET = dict(
     data="demo", prompts_per_step=16, num_generations=8, max_prompt_length=512, max_new_tokens=96,
     temperature=1.0, max_steps=30, steps_per_generation=2, micro_batch_size=64, learning_rate=2e-4, beta=0.0,
-    entropy_coef=0.0, gradient_checkpointing=False, sft_data="demo", sft_steps=600, sft_batch_size=16,
+    entropy_coef=0.0, gradient_checkpointing=False, sft_data="demo-sft", sft_steps=600, sft_batch_size=16,
     sft_learning_rate=3e-3, save_every=10, log_samples_every=10, cpu_threads=2,
 )
 
@@ -180,6 +181,8 @@ def configure(argv=None) -> Config:
             cfg = replace(cfg, sft_data=cfg.data)          # `--model tiny --data FILE`: warm-start on FILE too
     if cfg.data == "auto":
         cfg = replace(cfg, data="demo" if cfg.model == "tiny" else "toolrl")
+    if cfg.data == "demo-sft":
+        fail("--data demo-sft: its targets are a teacher's, for --sft_data; the reward needs gold calls: --data demo")
     if cfg.data_split is None and cfg.data in ("toolrl", "demo"):
         cfg = replace(cfg, data_split="train")
     if cfg.eval_data == "auto":

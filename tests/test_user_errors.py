@@ -69,6 +69,7 @@ def test_a_bad_data_file(tmp_path, capsys, case):
 @pytest.mark.parametrize("args, words", [
     (["--data", "demo", "--data_split", "dev"], "--data demo: the demo set's splits are train, validation, test"),
     (["--data", "{file}", "--data_split", "test"], "holds one split already"),
+    (["--data", "demo-sft"], "--data demo-sft: its targets are a teacher's, for --sft_data"),
     (["--data", "{file}", "--prompts_per_step", "8"], "--prompts_per_step 8 is more than the 3 prompts"),
     (["--learning_rate", "nan"], "argument --learning_rate: expected a finite number, got 'nan'"),
     (["--beta", "inf"], "argument --beta: expected a finite number, got 'inf'"),
