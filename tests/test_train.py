@@ -88,7 +88,7 @@ def test_demo_command_end_to_end(demo_run):
                 "time/generate", "time/score", "time/update", "time/step", "tokens_per_second"):
         assert key in rows[0], key
     saved = json.loads((demo_run / "train_config.json").read_text())
-    assert saved["data"] == "demo" and saved["max_steps"] == 4
+    assert saved["data"] == "demo" and saved["sft_data"] == "demo-sft" and saved["max_steps"] == 4
     final = demo_run / "checkpoint-000004"
     assert AutoModelForCausalLM.from_pretrained(final) is not None
     assert json.loads((final / "train_config.json").read_text()) == saved
@@ -127,6 +127,17 @@ def test_sft_control_runs_for_the_grpo_time(demo_run, capsys):
     assert "4 GRPO steps took" in printed and "more supervised steps took" in printed
     summary = json.loads((demo_run / "sft-control-eval" / "summary.json").read_text())["results"]
     assert list(summary)[-1] == str(demo_run / "sft-control") and len(summary) == 4
+    sft_control.main([str(demo_run), "--sft_data", "demo"])      # the gold calls instead of the teacher's
+    summary = json.loads((demo_run / "sft-control-demo-eval" / "summary.json").read_text())["results"]
+    assert list(summary)[-1] == str(demo_run / "sft-control-demo")
+    assert "SFT steps on demo-sft" in capsys.readouterr().out
+
+
+def test_pass_at_k_compares_greedy_with_samples(demo_run, capsys):
+    import pass_at_k
+    pass_at_k.main([str(demo_run / "sft-init"), "--k", "2", "--temperatures", "1.0", "--max_new_tokens", "12"])
+    printed = capsys.readouterr().out
+    assert "82 prompts that call tools" in printed and "greedy exact match" in printed and "pass@2" in printed
 
 
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(demo_run, tmp_path):
