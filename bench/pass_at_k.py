@@ -33,6 +33,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch's CPU threads (0: its default)")
     args = parser.parse_args(argv)
+    if not (Path(args.model) / "config.json").is_file():
+        raise SystemExit(f"{args.model}: not a model directory (no config.json)")
     if args.threads:
         torch.set_num_threads(args.threads)
     examples = [e for e in load_examples("demo", split=args.split) if "<tool_call>" in e.ground_truth]
