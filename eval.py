@@ -180,15 +180,15 @@ BENCHMARKS = {"toolrl": Benchmark(load_toolrl, score_toolrl, summarize_toolrl),
 
 # ---------------------------------------------------------------- generation and files
 
-def generate(model, tokenizer, items: list, config: EvalConfig) -> list[str]:
+def generate(model, tokenizer, items: list, config: EvalConfig, progress: bool = True) -> list[str]:
     """Greedy answers, in item order. Batches hold prompts of similar length (sorted), since a
-    left-padded batch costs as much as its longest prompt."""
+    left-padded batch costs as much as its longest prompt. progress=False: no progress bar."""
     prompts, num_truncated = build_prompts(tokenizer, items, config.max_prompt_tokens)
     if num_truncated:
         print(f"warning: {num_truncated} prompt(s) longer than {config.max_prompt_tokens} tokens were cut from the left")
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs = [""] * len(prompts)
-    for start in tqdm(range(0, len(order), config.batch_size), desc="batches"):
+    for start in tqdm(range(0, len(order), config.batch_size), desc="batches", disable=not progress):
         chunk = order[start:start + config.batch_size]
         texts = generate_text(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens=config.max_new_tokens,
                               batch_size=config.batch_size, temperature=0.0)

@@ -555,7 +555,8 @@ def evaluate_policy(model, tokenizer, items: list, config) -> dict[str, float]:
     from eval import BENCHMARKS, generate
     t0 = time.perf_counter()
     benchmark = BENCHMARKS[config.benchmarks]
-    rows = [benchmark.score(item, output) for item, output in zip(items, generate(model, tokenizer, items, config))]
+    outputs = generate(model, tokenizer, items, config, progress=False)   # its line follows the step's; no bar
+    rows = [benchmark.score(item, output) for item, output in zip(items, outputs)]
     return {**{f"eval/{k}": v for k, v in benchmark.summarize(rows).items()}, "time/eval": time.perf_counter() - t0}
 
 
