@@ -169,21 +169,6 @@ def test_partial_and_corrupt_checkpoints_are_skipped(demo_run, tmp_path, capsys)
     assert "skipping unusable checkpoint" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("args,flag", [
-    (["--num_generations", "1"], "--num_generations"),
-    (["--prompts_per_step", "-3"], "--prompts_per_step"),
-    (["--max_new_tokens", "0"], "--max_new_tokens"),
-    (["--data", "/no/such/file.json"], "--data"),
-    (["--model", "NoSuchModelFamily-7B"], "--model"),
-    (["--temperature", "0"], "--temperature"),
-    (["--learning_rate", "-1"], "--learning_rate"),
-])
-def test_bad_arguments_fail_before_loading_anything(args, flag, capsys):
-    with pytest.raises(SystemExit) as e:
-        train.main(args)
-    assert e.value.code == 2 and flag in capsys.readouterr().err
-
-
 def test_prompt_that_leaves_no_room_for_completions(tiny_model_dir, capsys):
     with pytest.raises(SystemExit):
         train.configure(["--model", str(tiny_model_dir), "--data", "demo", "--max_prompt_length", "32760",

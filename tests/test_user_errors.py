@@ -67,6 +67,13 @@ def test_a_bad_data_file(tmp_path, capsys, case):
 
 
 @pytest.mark.parametrize("args, words", [
+    (["--num_generations", "1"], "--num_generations must be >= 2 for group-relative advantages"),
+    (["--prompts_per_step", "-3"], "--prompts_per_step must be positive, got -3"),
+    (["--max_new_tokens", "0"], "--max_new_tokens must be positive, got 0"),
+    (["--temperature", "0"], "--temperature must be > 0 for sampling"),
+    (["--learning_rate", "-1"], "--learning_rate must be >= 0, got -1.0"),
+    (["--model", "NoSuchModelFamily-7B"], "--model 'NoSuchModelFamily-7B': not a local directory, not a hub id"),
+    (["--data", "/no/such/file.json"], "--data /no/such/file.json: no data file at"),
     (["--data", "demo", "--data_split", "dev"], "--data demo: the demo set's splits are train, validation, test"),
     (["--data", "{file}", "--data_split", "test"], "holds one split already"),
     (["--data", "demo-sft"], "--data demo-sft: its targets are a teacher's, for --sft_data"),
