@@ -355,8 +355,7 @@ def teacher_rows(seed: int = DEMO_SEED) -> list[dict]:
     rows = []
     for row in demo_rows("train", seed):
         if row["calls"] and rng.random() < TEACHER_HABIT_FRACTION:
-            target = ground_truth(row["calls"]).replace('"parameters": ', '"arguments": ')
-            row = {**row, "ground_truth": target}
+            row = {**row, "ground_truth": row["ground_truth"].replace('"parameters": ', '"arguments": ')}
         rows.append(row)
     return rows
 

@@ -64,8 +64,7 @@ def load_examples(source: str, split: str | None = None, skip_bad_rows: bool = F
     if source == "demo-sft":         # the teacher's targets, to imitate; not gold calls to score against
         if split is not None:
             raise ValueError(f"'demo-sft' is one split (the demo's train prompts); pass split=None, not {split!r}")
-        return [Example(f"demo-sft-{i}", chat(row["system"], row["user"]), row["ground_truth"],
-                        meta={"num_calls": len(row["calls"])}) for i, row in enumerate(teacher_rows())]
+        return [demo_example(f"demo-sft-{i}", row, row["ground_truth"]) for i, row in enumerate(teacher_rows())]
     if split is not None and split not in SPLITS:
         raise ValueError(f"split must be None, 'train' or 'test', got {split!r}")
     if source in DATASETS:
@@ -137,9 +136,13 @@ def apibank_level(path: Path) -> int | None:
 
 def demo_examples(split: str | None) -> list[Example]:
     splits = DEMO_SPLITS if split is None else (split,)
-    return [Example(f"demo-{name}-{i}", chat(row["system"], row["user"]), check_ground_truth(row["ground_truth"]),
-                    meta={"num_calls": len(row["calls"])})
+    return [demo_example(f"demo-{name}-{i}", row, check_ground_truth(row["ground_truth"]))
             for name in splits for i, row in enumerate(demo_rows(name))]
+
+
+def demo_example(id: str, row: dict, target: str) -> Example:
+    """A demo row (data/demo.py) as an Example whose target is `target`."""
+    return Example(id, chat(row["system"], row["user"]), target, meta={"num_calls": len(row["calls"])})
 
 
 # ---------------------------------------------------------------- files and their layouts
