@@ -1,7 +1,7 @@
 """How fast is a GRPO step, phase by phase, and how does it compare with TRL's GRPOTrainer and the physics?
 
-Runs a few steps of the real training code (grpo.rollout.generate_rollout, train.rollout_logprobs,
-train.policy_update, rewards.toolrl_reward, grpo.loss.group_advantages) on a model with random weights, so
+Runs a few steps of the real training code (grpo.rollout.generate_rollout, update.rollout_logprobs,
+update.policy_update, rewards.toolrl_reward, grpo.loss.group_advantages) on a model with random weights, so
 nothing is downloaded: `--config qwen2.5-1.5b` is the exact Qwen2.5-1.5B architecture, `--config qwen2-small`
 a CPU-sized Qwen2 with the real 151,936-token vocabulary. Prompts are random words of exactly
 `--prompt_tokens` tokens (grpo/tiny.py's tokenizer); `--ignore_eos` makes every completion
@@ -9,7 +9,7 @@ a CPU-sized Qwen2 with the real 151,936-token vocabulary. Prompts are random wor
 Qwen2.5-Instruct's tokenizer (bench/qwen25_tokenizer.py, no download) and lengths drawn from the data's real
 prompts as train.py tokenizes them. Per phase it prints the median over the measured steps (after `--warmup`),
 tokens per second and peak memory; then the update's model-FLOPs utilisation, generation's fraction of the
-memory-bound decode limit, and the physical floor of the whole step (GRPO_NOTES "Performance arithmetic").
+memory-bound decode limit, and the physical floor of the whole step (bytes over bandwidth, FLOPs over peak: see floor_terms).
 
     python bench/bench_grpo.py --config qwen2-small --threads 1                      # CPU, ~2 minutes
     python bench/bench_grpo.py --config qwen2-small --threads 1 --vs trl --rounds 3  # ours vs TRL, alternating
@@ -25,7 +25,6 @@ V vocabulary, H hidden size.
 """
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -41,19 +40,9 @@ from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 from grpo.cli import field, parse_config  # noqa: E402
 from grpo.model import bf16_autocast, use_bf16  # noqa: E402
+from common import ARCHITECTURES, PeakMemory, process_peak_gb  # noqa: E402
 from memory import plan, print_plan, sizes  # noqa: E402
 
-# Architectures. qwen2.5-1.5b: Qwen/Qwen2.5-1.5B-Instruct's config.json (1.544B parameters).
-ARCHITECTURES = {
-    "qwen2.5-0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                         intermediate_size=4864, vocab_size=151936, rope_theta=1e6, max_position_embeddings=32768),
-    "qwen2.5-1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                         intermediate_size=8960, vocab_size=151936, rope_theta=1e6, max_position_embeddings=32768),
-    "qwen2-small": dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                        intermediate_size=2048, vocab_size=151936, rope_theta=1e6, max_position_embeddings=32768),
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=256, vocab_size=2048, rope_theta=1e6, max_position_embeddings=4096),
-}
 H100_BF16_DENSE_TFLOPS = 989.0
 GROUND_TRUTH = '<think> Weather. </think>\n<tool_call>\n{"name": "weather", "parameters": {"city": "Paris"}}\n</tool_call>'
 
@@ -248,41 +237,10 @@ def measured_matmul_flops(device: str) -> float:
     return 2 * 2048 ** 3 / min(times)
 
 
-class PeakMemory:
-    """Peak memory of a phase: CUDA max_memory_allocated, or on CPU the peak RSS (VmHWM, reset through
-    /proc/self/clear_refs; where that is not allowed, the process's peak RSS so far)."""
-
-    def __init__(self, device: str):
-        self.device = device
-
-    def reset(self) -> None:
-        if self.device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            try:
-                Path("/proc/self/clear_refs").write_text("5")
-            except OSError:
-                pass
-
-    def read_gb(self) -> float:
-        if self.device == "cuda":
-            return torch.cuda.max_memory_allocated() / 1e9
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024 / 1e9
-        return process_peak_gb(self.device)
-
-
-def process_peak_gb(device: str) -> float:
-    """The whole process: CUDA max_memory_allocated since start, or peak RSS (getrusage, KiB on Linux)."""
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
-
-
 # ---------------------------------------------------------------- our trainer, phase by phase
 def run_ours(bc: Bench, device: str) -> dict:
-    import train
+    from grpo import update
+    from grpo.config import Config
     from grpo.logprobs import CompletionLogprobs
     from grpo.loss import group_advantages
     from grpo.model import set_checkpointing
@@ -318,7 +276,7 @@ def run_ours(bc: Bench, device: str) -> dict:
     elif bc.beta > 0:                     # train.py: a frozen copy, bf16 under --bf16
         ref = build_model(bc, device).to(torch.bfloat16 if bf16 else torch.float32)
         ref_policy = CompletionLogprobs(ref.eval().requires_grad_(False), bc.logprob_chunk_size)
-    cfg = replace(train.Config(), prompts_per_step=bc.prompts, num_generations=bc.num_generations,
+    cfg = replace(Config(), prompts_per_step=bc.prompts, num_generations=bc.num_generations,
                   max_new_tokens=bc.completion_tokens, micro_batch_size=bc.micro_batch_size, beta=bc.beta,
                   entropy_coef=bc.entropy_coef, steps_per_generation=1, temperature=1.0,
                   gradient_checkpointing=bc.gradient_checkpointing, skip_zero_advantage=bc.skip_zero_advantage,
@@ -373,10 +331,10 @@ def run_ours(bc: Bench, device: str) -> dict:
         mark("reward")
 
         if not bc.only_generation:
-            old_logp = train.rollout_logprobs(policy, rollout, cfg, autocast) if cfg.steps_per_generation > 1 else None
-            ref_logp = train.rollout_logprobs(ref_policy, rollout, cfg, autocast) if ref_policy else None
+            old_logp = update.rollout_logprobs(policy, rollout, cfg, autocast) if cfg.steps_per_generation > 1 else None
+            ref_logp = update.rollout_logprobs(ref_policy, rollout, cfg, autocast) if ref_policy else None
             mark("logprobs")
-            train.policy_update(policy, optimizer, rollout, advantages, old_logp, ref_logp, cfg, autocast)
+            update.policy_update(policy, optimizer, rollout, advantages, old_logp, ref_logp, cfg, autocast)
             mark("update")
         steps.append(dict(time=phase, peak_gb=peak, work=step_work(rollout, advantages, cfg)))
         process_peak = max(process_peak, *peak.values())
@@ -510,7 +468,7 @@ def median_over_steps(steps: list[dict], key: str) -> dict:
 
 def floor_terms(bc: Bench, P: list[int], T: list[int], update_rows: list[bool], peak: float, bandwidth: float,
                 gen_bytes: int) -> dict:
-    """The physical floor of one step (GRPO_NOTES "Performance arithmetic"), for rows with prompt lengths P and
+    """The physical floor of one step (each phase's bytes over bandwidth or FLOPs over peak), for rows with prompt lengths P and
     completion lengths T (prompt-major), of which `update_rows` go through the update.
 
     prefill   2 * body params * prompt tokens, each prompt once (shared prefix), at peak FLOP/s

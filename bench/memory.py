@@ -155,7 +155,7 @@ def print_plan(p: dict, measured: dict | None = None) -> None:
 @dataclass
 class Memory:
     """Memory plan of train.py's GRPO step for a model architecture; every other flag is train.py's."""
-    config: str = field("qwen2.5-1.5b", "model architecture (bench_grpo.ARCHITECTURES: real config numbers)")
+    config: str = field("qwen2.5-1.5b", "model architecture (bench/common.py ARCHITECTURES: real config numbers)")
     device: str = field("cuda", "plan for: cuda (--bf16 auto means on), or cpu (auto means off)",
                         choices=["cuda", "cpu"])
     trainable_params: int = field(0, "trainable parameters (0 = all: full fine-tuning); LoRA's adapter count goes "
@@ -181,7 +181,7 @@ def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
 def plan_for_flags(m: Memory, cfg, micro_batch_size=None, generation_batch_size=None, P=None, T=None,
                    baseline_gb=0.0) -> dict:
     """The plan of train.py's config `cfg` (every prompt and completion at its maximum unless P, T are given)."""
-    from bench_grpo import ARCHITECTURES
+    from common import ARCHITECTURES
     from grpo.model import use_bf16
     rows = cfg.prompts_per_step * cfg.num_generations
     return plan(Qwen2Config(**ARCHITECTURES[m.config]), P or [cfg.max_prompt_length] * rows,
@@ -225,7 +225,7 @@ def fits(m: Memory, cfg) -> None:
 def save_random_model(config: str, path: str) -> None:
     """A random-weight float32 model of `config` with Qwen2.5's tokenizer and generation config, saved with
     save_pretrained (in a child process, so that the measuring process never held it)."""
-    from bench_grpo import ARCHITECTURES
+    from common import ARCHITECTURES
     from grpo.tiny import qwen_like_generation_config
     from qwen25_tokenizer import build_qwen25_tokenizer
     from transformers import Qwen2ForCausalLM
@@ -265,7 +265,7 @@ def measure(m: Memory, train_args: list[str]) -> list[dict]:
     """train.main on the random-weight model; per step, the measured peak of each phase and the plan for that step's
     lengths. Phases are timed by wrapping train.py's generate_rollout, rollout_logprobs and policy_update."""
     import train
-    from bench_grpo import PeakMemory
+    from common import PeakMemory
     assert m.data, "--measure needs --data (a ToolRL-format file of prompts)"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     m = Memory(**{**m.__dict__, "device": device})
@@ -348,12 +348,12 @@ def measure(m: Memory, train_args: list[str]) -> list[dict]:
 
 
 def main(argv=None):
-    import train
+    from grpo.config import Config
     own, rest = split_args(sys.argv[1:] if argv is None else argv)
     m, _ = parse_config(Memory, own)
     if m.measure:
         return measure(m, rest)
-    cfg, _ = parse_config(train.Config, rest)
+    cfg, _ = parse_config(Config, rest)
     print(f"{m.config} on {m.device}, bf16 {cfg.bf16}: B={cfg.prompts_per_step} x G={cfg.num_generations}, prompts "
           f"{cfg.max_prompt_length} + completions {cfg.max_new_tokens} tokens, micro-batch {cfg.micro_batch_size}, "
           f"generation batch {cfg.generation_batch_size}, beta {cfg.beta}, checkpointing {cfg.gradient_checkpointing}"

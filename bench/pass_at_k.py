@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data import build_prompts, load_examples  # noqa: E402
-from eval import score_toolrl  # noqa: E402
+from grpo.evaluation import score_toolrl  # noqa: E402
 from grpo.model import load_model, load_tokenizer  # noqa: E402
 from grpo.rollout import generate_text  # noqa: E402
 

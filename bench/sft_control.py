@@ -27,12 +27,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import train  # noqa: E402
 from data.jsonl import read_jsonl  # noqa: E402
 from grpo import checkpoint as ckpt  # noqa: E402
+from grpo.config import Config  # noqa: E402
+from grpo.evaluation import evaluate_heldout  # noqa: E402
 from grpo.io import atomic_path  # noqa: E402
 from grpo.logprobs import CompletionLogprobs  # noqa: E402
 from grpo.model import bf16_autocast, load_model, load_tokenizer, use_bf16  # noqa: E402
+from grpo.run import load_data  # noqa: E402
+from grpo.sft import sft_warm_start  # noqa: E402
 
 
 def main(argv=None):
@@ -47,7 +50,7 @@ def main(argv=None):
         raise SystemExit(f"{run}: not a finished train.py run with a warm start (needs train_config.json, "
                          "metrics.jsonl and sft-init/)")
     saved = json.loads(config_path.read_text())
-    cfg = train.Config(**{f.name: saved[f.name] for f in fields(train.Config) if f.name in saved})
+    cfg = Config(**{f.name: saved[f.name] for f in fields(Config) if f.name in saved})
     name, warm_data = "sft-control", cfg.sft_data
     if args.sft_data and args.sft_data != cfg.sft_data:
         name, cfg = f"sft-control-{Path(args.sft_data).stem}", replace(cfg, sft_data=args.sft_data)
@@ -62,10 +65,10 @@ def main(argv=None):
     tokenizer = load_tokenizer(str(run / "sft-init"))
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    _, sft_examples, eval_items = train.load_data(cfg)
+    _, sft_examples, eval_items = load_data(cfg)
     bf16 = use_bf16(cfg.bf16, "cpu")                    # the run's precision (--bf16 true on a CPU, or float32)
-    steps = train.sft_warm_start(cfg, sft_examples, CompletionLogprobs(model, cfg.logprob_chunk_size), tokenizer,
-                                 bf16_autocast("cpu", bf16), start=cfg.sft_steps, seconds=grpo_seconds)
+    steps = sft_warm_start(cfg, sft_examples, CompletionLogprobs(model, cfg.logprob_chunk_size), tokenizer,
+                           bf16_autocast("cpu", bf16), start=cfg.sft_steps, seconds=grpo_seconds)
     control_seconds = time.perf_counter() - t0
     with atomic_path(run / name) as tmp:
         model.save_pretrained(tmp)
@@ -78,7 +81,7 @@ def main(argv=None):
               f"warm start: {cfg.sft_steps} SFT steps on {warm_data}": str(run / "sft-init"),
               f"+ {len(rows)} GRPO steps, {grpo_seconds:.0f} s": str(ckpt.list_checkpoints(run)[0]),
               f"+ {steps} SFT steps on {cfg.sft_data}, {control_seconds:.0f} s": str(run / name)}
-    train.evaluate_heldout(cfg, models, eval_items, run / f"{name}-eval", "cpu", bf16)
+    evaluate_heldout(cfg, models, eval_items, run / f"{name}-eval", "cpu", bf16)
 
 
 if __name__ == "__main__":

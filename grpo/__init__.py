@@ -1,10 +1,22 @@
 """GRPO, from scratch: the algorithm's pieces as small modules that train.py strings together.
 
-    loss.py      group-relative advantages, clipped surrogate, k3 KL (the math)
-    logprobs.py  completion-only, chunked log-probs and entropies
-    rollout.py   sampling G completions per prompt with HF generate, completion masks
-    model.py     loading models and tokenizers
-    tiny.py      a tiny Qwen2 model and tokenizer built locally, for tests and the offline demo
-    cli.py       a dataclass config turned into a command line
+    loss.py        group-relative advantages, clipped surrogate, k3 KL, and GRPO's variants (the math)
+    logprobs.py    completion-only, chunked log-probs and entropies
+    rollout.py     sampling G completions per prompt with HF generate, completion masks
+    update.py      one rollout batch's update: old/ref log-probs, optimizer steps in micro-batches; the LR schedule
+    sft.py         the supervised warm start
+    config.py      train.py's typed config, the tiny preset, and the checks of every flag
+    run.py         what a run reads first, where it starts (fresh or --resume), the optimizer it restores
+    guard.py       the one non-finite guard (NaN/inf weights, logits, rewards, loss, gradients)
+    evaluation.py  the paper's benchmarks as a library (eval.py is its command line), held-out evaluation
+    report.py      the per-step line and metrics, metrics.jsonl, samples.jsonl, the reward plot
+    tracking.py    --report_to: TensorBoard or Weights & Biases
+    checkpoint.py  atomic checkpoints, and finding a whole one to resume
+    model.py       loading models and tokenizers (and LoRA adapter directories); bf16 autocast; checkpointing
+    lora.py        LoRA adapters through peft; the reference with the adapters off
+    dist.py        torchrun: DDP / FSDP2, rank shares, whole-tensor checkpoints
+    io.py          files and directories written whole or not at all
+    cli.py         a dataclass config turned into a command line
+    tiny.py        a tiny Qwen2 model and tokenizer built locally, for tests and the offline demo
 """
 from grpo.loss import group_advantages  # noqa: F401  (the issue's `grpo.group_advantages`)

@@ -1,6 +1,6 @@
 """Log-probabilities of completion tokens, without ever building full-vocabulary logits for a batch.
 
-Qwen's vocabulary is 151,936 tokens: float32 logits cost 0.61 MB per token (GRPO_NOTES trap 6). So the
+Qwen's vocabulary is 151,936 tokens: float32 logits cost 0.61 MB per token (docs/PITFALLS.md #6). So the
 decoder runs once to hidden states, and the LM head + log-softmax run only on the hidden states of real
 completion tokens, a chunk of rows at a time. Each chunk's backward is written by hand (`_ChunkLogprobs`): it
 recomputes the chunk's logits once and forms their gradient in one or two passes, so nothing of size (m, V)

@@ -15,7 +15,6 @@ A checkpoint holds the adapters in peft's own format (adapter_config.json, adapt
 config names the base they sit on; `expected_tensors` lists what a whole one must hold. peft is optional:
 it is imported here only, and only when LoRA is used.
 """
-import json
 import os
 from pathlib import Path
 
@@ -23,6 +22,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
+
+from grpo.logprobs import CompletionLogprobs
+from grpo.model import base_of, is_adapter, load_model  # noqa: F401  (is_adapter: checkpoint.py, run.py)
 
 # every linear layer of a Qwen2 / Llama decoder block (attention and MLP); the LM head and embeddings stay out
 TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -79,6 +81,17 @@ class WithoutAdapters(nn.Module):
             return self.policy(*args, **kwargs)
 
 
+def reference_policy(policy: nn.Module, peft_model, ref_path: str, *, device: str, bf16: bool,
+                     trust_remote_code: bool) -> nn.Module:
+    """The frozen reference of the KL term: with adapters (`peft_model`), the same weights with them off, at no
+    extra memory; otherwise a second copy of the model GRPO starts from (`ref_path`), in bf16 under --bf16."""
+    if peft_model is not None:
+        return WithoutAdapters(policy, peft_model)
+    ref_model = load_model(ref_path, device=device, dtype=torch.bfloat16 if bf16 else torch.float32,
+                           trust_remote_code=trust_remote_code).eval().requires_grad_(False)
+    return CompletionLogprobs(ref_model, policy.chunk_size)
+
+
 def save_merged(peft_model, tokenizer, path: Path) -> None:
     """An HF model directory with the adapters folded into the weights (W + (alpha / r) B A), loadable by
     AutoModelForCausalLM.from_pretrained without peft. Folds in place: call it when training is over."""
@@ -87,24 +100,6 @@ def save_merged(peft_model, tokenizer, path: Path) -> None:
     with atomic_path(path) as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-
-
-def is_adapter(path) -> bool:
-    """Whether `path` is a directory of peft adapters (a train.py --lora_r checkpoint)."""
-    return (Path(path) / "adapter_config.json").is_file()
-
-
-def base_of(path) -> str:
-    """The base model an adapter directory sits on, as its adapter_config.json names it."""
-    return json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
-
-
-def load_merged(path, *, device: str, dtype: torch.dtype, trust_remote_code: bool):
-    """The base model with the adapters of `path` merged in (float32, then `dtype`): what eval.py runs."""
-    from peft import PeftModel
-    from grpo.model import load_model
-    base = load_model(base_of(path), device=device, trust_remote_code=trust_remote_code)
-    return PeftModel.from_pretrained(base, path).merge_and_unload().to(dtype)
 
 
 def expected_tensors(checkpoint: Path, trust_remote_code: bool = False) -> dict[str, tuple[list[int], torch.dtype]]:

@@ -4,7 +4,9 @@ Weights load from safetensors only (`use_safetensors=True`: a pickled `.bin` is 
 runs code), and `trust_remote_code` stays off unless the user asks for it. eval.py also takes a directory of
 LoRA adapters (grpo/lora.py).
 """
+import json
 import os
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -14,7 +16,6 @@ from transformers.utils import logging as transformers_logging
 # about the run and break up its one progress bar
 transformers_logging.disable_progress_bar()
 
-from grpo.lora import base_of, is_adapter, load_merged
 
 # Bare names that resolve to a hub organisation, e.g. "Qwen2.5-1.5B-Instruct" -> "Qwen/Qwen2.5-1.5B-Instruct".
 HUB_ORGS = {"Qwen": "Qwen", "Llama": "meta-llama"}
@@ -96,14 +97,14 @@ def use_bf16(setting: str, device: str) -> bool:
 
 
 def bf16_autocast(device: str, enabled: bool):
-    """A factory of autocast contexts: bf16 matrix products over float32 master weights (GRPO_NOTES trap 7), on
+    """A factory of autocast contexts: bf16 matrix products over float32 master weights (docs/PITFALLS.md #7), on
     the device's own autocast ("cuda" or "cpu"); enabled=False gives plain float32."""
     device_type = torch.device(device).type
     return lambda: torch.autocast(device_type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def set_checkpointing(model, enabled: bool) -> None:
-    """Activation (gradient) checkpointing on or off; non-reentrant, which is safe under no_grad (trap 8).
+    """Activation (gradient) checkpointing on or off; non-reentrant, which is safe under no_grad (docs/PITFALLS.md #8).
     transformers 5.x renamed gradient_checkpointing_* to activation_checkpointing_*; both are handled."""
     if enabled:
         kwargs = {"use_reentrant": False}
@@ -121,3 +122,22 @@ def is_checkpointing(model) -> bool:
     if hasattr(model, "is_activation_checkpointing"):
         return model.is_activation_checkpointing            # a property, like the older name
     return model.is_gradient_checkpointing
+
+
+# ---- directories of LoRA adapters (train.py --lora_r checkpoints; grpo/lora.py trains them)
+
+def is_adapter(path) -> bool:
+    """Whether `path` is a directory of peft adapters (a train.py --lora_r checkpoint)."""
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def base_of(path) -> str:
+    """The base model an adapter directory sits on, as its adapter_config.json names it."""
+    return json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
+def load_merged(path, *, device: str, dtype: torch.dtype, trust_remote_code: bool):
+    """The base model with the adapters of `path` merged in (float32, then `dtype`): what eval.py runs."""
+    from peft import PeftModel
+    base = load_model(base_of(path), device=device, trust_remote_code=trust_remote_code)
+    return PeftModel.from_pretrained(base, path).merge_and_unload().to(dtype)

@@ -2,10 +2,43 @@
 import json
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from data.jsonl import read_jsonl
+from grpo import dist
 from grpo.io import atomic_path, atomic_write_text
+from grpo.loss import zero_std_fraction
+from grpo.rollout import Rollout
+from rewards.custom import reward_terms
+
+
+def step_metrics(step: int, epoch: int, rewards: torch.Tensor, scores: list[dict], rollout: Rollout, stats: dict,
+                 group_size: int, learning_rate: float, times: tuple[float, float, float, float], heldout: dict,
+                 config_change: dict | None) -> dict:
+    """One row of metrics.jsonl (each metric is defined in the README). rewards: (all ranks' N,); scores, rollout:
+    this rank's; stats: the update's; times: perf_counter at the start, after sampling, scoring and the update;
+    heldout: --eval_every's results ({} on other steps); config_change: what a resume with --allow_config_change
+    changed (logged on its first step only). distributed: per-rank shares are
+    averaged into the whole batch's."""
+    t0, t1, t2, t3 = times
+    metrics = {
+        "step": step, "epoch": epoch,
+        "reward": rewards.mean().item(), "reward_std": rewards.std().item(),
+        **reward_terms(scores),                         # rewards/<term>: each named term's mean
+        "frac_reward_zero_std": zero_std_fraction(rewards, group_size),
+        "completion_length": rollout.completion_mask.sum(1).float().mean().item(),
+        "clipped_ratio": rollout.truncated.float().mean().item(),
+        **stats, "learning_rate": learning_rate,
+        "time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2, "time/step": t3 - t0,
+        "tokens_per_second": rollout.attention_mask.sum().item() / (t3 - t0),
+    }
+    metrics.update(heldout)                             # eval/... and time/eval on --eval_every steps
+    if torch.cuda.is_available():
+        metrics["memory/peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    if config_change:
+        metrics["config_change"] = config_change
+    return dist.mean_over_ranks(metrics)
 
 
 class StepLog:

@@ -1,6 +1,6 @@
 """Rollout: sample G completions per prompt with HF `generate`, and mark which tokens are the completion.
 
-Three traps that silently broke other GRPO implementations are handled here (GRPO_NOTES.md):
+Three traps that silently broke other GRPO implementations are handled here (docs/PITFALLS.md #1-3):
 - generating with gradient checkpointing on drops the KV cache in train() mode, and `generate` then
   produces garbage with no error: `generation_mode` switches to eval(), checkpointing off, cache on,
   and restores the model afterwards;
@@ -203,7 +203,7 @@ def _sample_group(model, ids: torch.Tensor, mask: torch.Tensor, G: int, config: 
     """G completions for each of b prompts: (b, P) -> (b*G, t) completion ids, right-padded with pad_id.
 
     Two savings over one `generate(num_return_sequences=G)` call, which computes each prompt G times and keeps
-    decoding rows that already ended until the longest one does (GRPO_NOTES trap 11):
+    decoding rows that already ended until the longest one does (docs/PITFALLS.md #11):
     - the prompt is prefilled once and its cache shared by its G rows (`_prefill_shared`);
     - generation runs in segments of SEGMENT_TOKENS; after each, rows that produced an EOS leave the batch
       and the cache, so later steps pay only for the rows still going.

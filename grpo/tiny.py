@@ -9,10 +9,10 @@ difference:
 - ChatML turns `<|im_start|>{role}\\n{content}<|im_end|>\\n`; the generation prompt is
   `<|im_start|>assistant\\n`.
 - eos = `<|im_end|>`, pad = `<|endoftext|>`, and the generation config lists both as EOS ids, so
-  pad is one of the EOS ids (GRPO_NOTES trap 3: masks must come from the first EOS, not `!= pad`).
+  pad is one of the EOS ids (docs/PITFALLS.md #3: masks must come from the first EOS, not `!= pad`).
 - The saved generation config carries Qwen2.5-Instruct's hidden sampling defaults (temperature
   0.7, top-p 0.8, top-k 20, repetition penalty 1.05) on purpose, so the trainer's tests can prove
-  they do not leak into rollouts (GRPO_NOTES trap 2).
+  they do not leak into rollouts (docs/PITFALLS.md #2).
 - Tied input/output embeddings, grouped-query attention (fewer KV heads than heads), no BOS.
 
 Everything saved by `save_tiny_model` loads back with `AutoTokenizer.from_pretrained` and

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from grpo import lora
 from grpo.model import bf16_autocast, use_bf16
 from test_cuda import check_autocast_dtypes, check_chunk_logprobs
 
@@ -52,13 +53,13 @@ def test_bf16_run_end_to_end(tmp_path):
         loaded.append(next(model.parameters()).dtype)
         return model
 
-    train.load_model = load_model
+    train.load_model = lora.load_model = load_model          # the policy (train.py), the reference (grpo/lora.py)
     try:
         train.main(["--output_dir", str(out), "--bf16", "true", "--beta", "0.04", "--max_steps", "2",
                     "--prompts_per_step", "2", "--num_generations", "2", "--max_new_tokens", "12", "--sft_steps", "2",
                     "--sft_batch_size", "4"])
     finally:
-        train.load_model = real_load
+        train.load_model = lora.load_model = real_load
     assert loaded == [torch.float32, torch.bfloat16]                                   # policy, then reference
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(r[k])) for r in rows for k in ("loss", "kl", "grad_norm", "reward"))

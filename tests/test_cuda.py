@@ -1,10 +1,10 @@
 """What only a CUDA GPU can show (`pytest -m cuda`; every test skips on a machine without one).
 
 - autocast: the rollout and the update run their matrix products in bf16 while the weights, gradients and AdamW
-  state stay float32, so that an lr-1e-6 step still moves the weights (GRPO_NOTES trap 7), as train.py sets it up;
+  state stay float32, so that an lr-1e-6 step still moves the weights (docs/PITFALLS.md #7), as train.py sets it up;
 - grpo.logprobs' chunked LM head and its hand-written backward under CUDA bf16 autocast, against float32
   full-vocabulary autograd, with Qwen's 151,936-token vocabulary;
-- one DDP rank over NCCL: train.policy_update through DistributedDataParallel moves the weights as the plain update;
+- one DDP rank over NCCL: update.policy_update through DistributedDataParallel moves the weights as the plain update;
 - --compile_generation (static KV cache, torch.compile, CUDA graphs): greedy tokens equal the eager rollout's, and a
   second rollout reuses the compiled graph. Last, since compiling takes longest.
 
@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import train
-from grpo import dist
+from grpo import dist, update
 from grpo import rollout as R
 from grpo.logprobs import CompletionLogprobs, position_ids_from_mask
 from grpo.model import load_model, load_tokenizer, set_checkpointing
@@ -80,7 +80,7 @@ def check_autocast_dtypes(model_dir, device: str) -> None:
     cfg = replace(train.Config(), steps_per_generation=1, micro_batch_size=4, beta=0.0, entropy_coef=0.001)
     advantages = torch.linspace(-1, 1, len(rollout.input_ids), device=device)
     with MatmulDtypes() as update_ops:
-        train.policy_update(policy, optimizer, rollout, advantages, None, None, cfg, autocast)
+        update.policy_update(policy, optimizer, rollout, advantages, None, None, cfg, autocast)
     for phase, ops in (("rollout", rollout_ops), ("update", update_ops)):
         assert ops.dtypes, f"no matrix product seen in the {phase}"
         assert all(d == {torch.bfloat16} for d in ops.dtypes.values()), f"{phase}: {ops.dtypes}"
@@ -91,7 +91,7 @@ def check_autocast_dtypes(model_dir, device: str) -> None:
         state = optimizer.state[p]
         assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32
     # lr 1e-6 moves a float32 weight of size ~0.02 by far more than its rounding step (~2e-9); in bf16 (step ~1e-4)
-    # almost every such update rounds away (trap 7). Elements whose gradient is ~0 may stay put.
+    # almost every such update rounds away (docs/PITFALLS.md #7). Elements whose gradient is ~0 may stay put.
     moved = sum(int((params[n].detach() != w).sum()) for n, w in before.items())
     assert moved > 0.9 * sum(w.numel() for w in before.values())
 
@@ -204,7 +204,7 @@ def check_ddp_one_rank(model_dir, device: str, backend: str, store) -> None:
             rollout = fixed_rollout(model.config.vocab_size, device)
             advantages = torch.linspace(-1, 1, len(rollout.input_ids), device=device)
             with sdpa_kernel(SDPBackend.MATH):
-                stats = train.policy_update(policy, optimizer, rollout, advantages, None, None, cfg,
+                stats = update.policy_update(policy, optimizer, rollout, advantages, None, None, cfg,
                                             bf16_autocast(device))
             results.append(({n: p.detach().clone() for n, p in model.named_parameters()}, stats))
         finally:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
 
 import train
-from grpo import dist
+from grpo import dist, update
 from grpo.logprobs import CompletionLogprobs
 from grpo.model import load_model, set_checkpointing
 from grpo.rollout import Rollout, generate_rollout
@@ -56,7 +56,7 @@ def rows(rollout: Rollout, r: slice) -> Rollout:
 
 
 def one_step(model_dir, fsdp: bool, share: slice):
-    """One optimizer step of train.policy_update on rows `share` of the fixed batch, with gradient checkpointing
+    """One optimizer step of update.policy_update on rows `share` of the fixed batch, with gradient checkpointing
     (the paper recipe's setting: recomputation must compose with the DDP/FSDP hooks). SGD(lr=1, momentum) moves
     the weights by exactly -grad on its first step and keeps that (clipped) gradient as optimizer state."""
     model = load_model(str(model_dir)).train()
@@ -64,7 +64,7 @@ def one_step(model_dir, fsdp: bool, share: slice):
     policy = dist.wrap(CompletionLogprobs(model), fsdp)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9)
     rollout, advantages, ref_logp = fixed_batch(model.config.vocab_size)
-    stats = train.policy_update(policy, optimizer, rows(rollout, share), advantages[share], None, ref_logp[share],
+    stats = update.policy_update(policy, optimizer, rows(rollout, share), advantages[share], None, ref_logp[share],
                                 CFG, no_autocast)
     return model, optimizer, stats
 

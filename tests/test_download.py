@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-import eval as evaluation
+from grpo import evaluation
 import train
 from data import load_examples
 from data import loaders

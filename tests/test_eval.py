@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-import eval as evaluation
-from eval import EvalConfig, main, results_table, slug
+from grpo import evaluation
+from eval import main
+from grpo.evaluation import EvalConfig, results_table, slug
 from grpo.cli import parse_config
 
 WEATHER = {"name": "weather", "description": "Weather in a city.", "parameters": {

@@ -6,6 +6,7 @@ import pytest
 
 import eval as eval_py
 import train
+from grpo import evaluation
 from grpo.model import is_checkpointing, load_model, load_tokenizer, set_checkpointing
 from test_train import SHORT, read_metrics
 
@@ -48,9 +49,9 @@ def test_eval_restores_training_mode(tiny_model_dir):
     set_checkpointing(model, True)
     cfg = train.configure(["--model", str(tiny_model_dir), "--data", "demo", "--max_new_tokens", "8",
                            "--max_prompt_length", "512", "--eval_limit", "3"])
-    config = train.heldout_config(cfg, "cpu")
-    items = eval_py.BENCHMARKS[config.benchmarks].load(config)
-    metrics = train.evaluate_policy(model, tokenizer, items, config)
+    config = evaluation.heldout_config(cfg, "cpu")
+    items = evaluation.BENCHMARKS[config.benchmarks].load(config)
+    metrics = evaluation.evaluate_policy(model, tokenizer, items, config)
     assert metrics["eval/format_accuracy"] == 0.0 and metrics["time/eval"] > 0    # a random model: no format
     assert model.training and is_checkpointing(model)
 

@@ -1,4 +1,4 @@
-"""grpo/logprobs.py, grpo/rollout.py and train.policy_update on a tiny Qwen2 model, against naive references."""
+"""grpo/logprobs.py, grpo/rollout.py and grpo.update.policy_update on a tiny Qwen2 model, against naive references."""
 from dataclasses import replace
 
 import pytest
@@ -194,20 +194,21 @@ def test_select_trims_padding_without_changing_logprobs(tiny):
 
 def test_microbatch_gradient_equals_full_batch(tiny):
     """One optimizer step of SGD(lr=1) moves the weights by exactly -grad: compare micro-batch sizes."""
-    import train
+    from grpo import update
+    from grpo.config import Config
     model, _ = tiny
     ids, attn, comp = make_batch(model.config.vocab_size, n=8, seed=3)
     rollout = Rollout(ids, attn, comp, ~comp.all(1))
     advantages = torch.linspace(-1, 1, 8)
-    cfg = replace(train.Config(), steps_per_generation=1, max_grad_norm=1e9, beta=0.1, entropy_coef=0.01)
+    cfg = replace(Config(), steps_per_generation=1, max_grad_norm=1e9, beta=0.1, entropy_coef=0.01)
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    ref_logp = train.rollout_logprobs(CompletionLogprobs(model), rollout, cfg, _no_autocast)
+    ref_logp = update.rollout_logprobs(CompletionLogprobs(model), rollout, cfg, _no_autocast)
     results = []
     for micro in (8, 3, 1):
         model.load_state_dict(start)
         policy = CompletionLogprobs(model)
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
-        train.policy_update(policy, opt, rollout, advantages, None, ref_logp + 0.05, replace(cfg, micro_batch_size=micro),
+        update.policy_update(policy, opt, rollout, advantages, None, ref_logp + 0.05, replace(cfg, micro_batch_size=micro),
                             _no_autocast)
         results.append({k: v.clone() for k, v in model.state_dict().items()})
     model.load_state_dict(start)
@@ -224,20 +225,21 @@ def _no_autocast():
 def test_skipping_zero_advantage_rows_changes_nothing(tiny):
     """beta = 0, no entropy bonus: zero-advantage rows have exactly zero loss, so skipping them is exact
     (the token count still includes them)."""
-    import train
+    from grpo import update
+    from grpo.config import Config
     model, _ = tiny
     ids, attn, comp = make_batch(model.config.vocab_size, n=8, seed=4)
     rollout = Rollout(ids, attn, comp, ~comp.all(1))
     advantages = torch.tensor([0.0, 1.0, 0.0, -0.5, 0.0, 0.0, 2.0, 0.0])
-    cfg = replace(train.Config(), steps_per_generation=2, micro_batch_size=2, max_grad_norm=1e9, beta=0.0,
+    cfg = replace(Config(), steps_per_generation=2, micro_batch_size=2, max_grad_norm=1e9, beta=0.0,
                   entropy_coef=0.0)
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    old_logp = train.rollout_logprobs(CompletionLogprobs(model), rollout, cfg, _no_autocast)
+    old_logp = update.rollout_logprobs(CompletionLogprobs(model), rollout, cfg, _no_autocast)
     results = []
     for skip in (False, True):
         model.load_state_dict(start)
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
-        train.policy_update(CompletionLogprobs(model), opt, rollout, advantages, old_logp, None,
+        update.policy_update(CompletionLogprobs(model), opt, rollout, advantages, old_logp, None,
                             replace(cfg, skip_zero_advantage=skip), _no_autocast)
         results.append({k: v.clone() for k, v in model.state_dict().items()})
     model.load_state_dict(start)

@@ -11,7 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
-import eval as evaluation
+import eval as eval_py
+from grpo import evaluation
 from data import load_examples
 from data.jsonl import read_jsonl
 from grpo.io import atomic_path, atomic_write_text
@@ -166,14 +167,14 @@ def test_rescore_that_fails_halfway_leaves_every_prediction_file_as_it_was(tmp_p
     config = evaluation.EvalConfig(model=["m/one"], output_dir=str(tmp_path), benchmarks="first,second",
                                    rescore=True, device="cpu")
     with pytest.raises(RuntimeError, match="a scorer bug"):
-        evaluation.main(config)
+        eval_py.main(config)
     assert {path: path.read_bytes() for path in before} == before
     assert leftovers(tmp_path) == [] and not (tmp_path / "summary.json").exists()
     scored.clear()
     score_all = evaluation.Benchmark(lambda config: items, lambda item, output: {"id": item.id, "output": output,
                                                                                 "correct": True}, lambda rows: {})
     monkeypatch.setattr(evaluation, "BENCHMARKS", {"first": score_all, "second": score_all})
-    evaluation.main(config)                  # once the scorer works, every file is rescored
+    eval_py.main(config)                  # once the scorer works, every file is rescored
     for path in before:
         assert read_jsonl(path) == [{"id": i.id, "output": "old", "correct": True} for i in items]
 

@@ -10,10 +10,11 @@ from safetensors.torch import load_file, save_file
 
 pytest.importorskip("peft")
 import eval as eval_py  # noqa: E402
+from grpo import evaluation  # noqa: E402
 import train  # noqa: E402
 from conftest import run_then_sigkill  # noqa: E402
 from grpo import checkpoint as ckpt  # noqa: E402
-from grpo import lora  # noqa: E402
+from grpo import lora, update  # noqa: E402
 from grpo.logprobs import CompletionLogprobs  # noqa: E402
 from grpo.model import load_model, set_checkpointing  # noqa: E402
 from grpo.tiny import build_model  # noqa: E402
@@ -123,7 +124,7 @@ def test_lora_grpo_learns_a_dense_reward():
         rewards = (rollout.completion_ids < V // 2).float().mean(dim=1)                 # (N,)
         means.append(rewards.mean().item())
         model.train()
-        train.policy_update(policy, optimizer, rollout, group_advantages(rewards, 8), None, None, cfg,
+        update.policy_update(policy, optimizer, rollout, group_advantages(rewards, 8), None, None, cfg,
                             lambda: torch.autocast("cpu", enabled=False))
     first, last = means[0], sum(means[-5:]) / 5              # the base model's reward; the last 5 steps' mean
     assert last > first + 0.3, f"mean reward went from {first:.2f} to {last:.2f}"   # seen: 0.52 -> 1.00
@@ -200,7 +201,7 @@ def test_eval_py_loads_the_adapter_directory_and_the_merged_model_alike(lora_run
     summary = eval_py.main(eval_py.EvalConfig(model=models, benchmarks="demo", output_dir=str(tmp_path), limit=20,
                                               max_new_tokens=12, max_prompt_tokens=512, device="cpu"))
     assert summary[models[0]] == summary[models[1]]
-    outputs = [[json.loads(line)["output"] for line in (tmp_path / eval_py.slug(m) / "demo" /
+    outputs = [[json.loads(line)["output"] for line in (tmp_path / evaluation.slug(m) / "demo" /
                                                          "predictions.jsonl").read_text().splitlines()]
                for m in models]
     assert outputs[0] == outputs[1]

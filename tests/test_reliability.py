@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import train
 from grpo import checkpoint as ckpt
+from grpo import update
 from grpo.model import load_model, load_tokenizer
 from grpo.rollout import generate_rollout
 from tests.test_train import SHORT, snapshot
@@ -38,7 +39,7 @@ def test_update_oom_names_the_knobs(tmp_path, monkeypatch):
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(train, "policy_update", oom)
+    monkeypatch.setattr(update, "_policy_update", oom)     # the update itself runs out
     with pytest.raises(SystemExit) as e:
         train.main(["--output_dir", str(tmp_path), "--max_steps", "1"] + SHORT)
     assert "--micro_batch_size" in str(e.value) and "--max_new_tokens" in str(e.value)

@@ -5,6 +5,7 @@ import math
 import pytest
 
 import train
+from grpo import run
 from rewards import RewardConfig
 from rewards.custom import RewardError, reward_terms, score_completions
 from test_train import SHORT, read_metrics
@@ -107,4 +108,4 @@ def test_a_resume_may_change_the_tracker_and_evaluation_but_not_the_reward():
                            "--reward_fn", f"{HERE}:brace_reward"])
     saved = {**asdict(cfg), "report_to": "none", "eval_every": 10, "eval_limit": 0,
              "reward_fn": "rewards.toolrl:toolrl_reward"}
-    assert train.config_changes(saved, cfg) == {"reward_fn": ["rewards.toolrl:toolrl_reward", f"{HERE}:brace_reward"]}
+    assert run.config_changes(saved, cfg) == {"reward_fn": ["rewards.toolrl:toolrl_reward", f"{HERE}:brace_reward"]}

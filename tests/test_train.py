@@ -17,6 +17,7 @@ import train
 from conftest import run_then_sigkill
 from data import load_examples
 from grpo import checkpoint as ckpt
+from grpo import update
 from grpo.logprobs import CompletionLogprobs
 from grpo.model import bf16_autocast
 from grpo.loss import group_advantages
@@ -57,7 +58,7 @@ def test_learning_on_a_dense_reward(bf16):
         rewards = (rollout.completion_ids < V // 2).float().mean(dim=1)                 # (N,)
         means.append(rewards.mean().item())
         model.train()
-        train.policy_update(policy, optimizer, rollout, group_advantages(rewards, 8), None, None, cfg,
+        update.policy_update(policy, optimizer, rollout, group_advantages(rewards, 8), None, None, cfg,
                             bf16_autocast("cpu", bf16))
     first, last = sum(means[:5]) / 5, sum(means[-5:]) / 5
     assert last > first + 0.3, f"mean reward went from {first:.2f} to {last:.2f}"   # seen: 0.51 -> 1.00 (float32)
@@ -114,10 +115,10 @@ def test_end_of_run_table_is_what_eval_py_reports(demo_run, tmp_path):
 
 def test_lr_factor_warmup_then_decay():
     # warm-up 0, 1/2 over two steps; then cosine 1 -> 0 over the remaining four: cos(pi * k / 4)
-    assert [train.lr_factor("cosine", 2, 6, s) for s in range(7)] == pytest.approx(
+    assert [update.lr_factor("cosine", 2, 6, s) for s in range(7)] == pytest.approx(
         [0, 0.5, 1.0, 0.5 * (1 + 2 ** -0.5), 0.5, 0.5 * (1 - 2 ** -0.5), 0.0])
-    assert [train.lr_factor("linear", 0, 4, s) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
-    assert [train.lr_factor("constant", 1, 4, s) for s in range(3)] == [0.0, 1.0, 1.0]
+    assert [update.lr_factor("linear", 0, 4, s) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert [update.lr_factor("constant", 1, 4, s) for s in range(3)] == [0.0, 1.0, 1.0]
 
 
 def test_sft_control_runs_for_the_grpo_time(demo_run, capsys):

@@ -10,7 +10,10 @@ import pytest
 
 import eval as eval_py
 import train
+from grpo import evaluation
+from grpo import run
 from grpo.cli import parse_config
+from grpo.config import TINY_PRESET
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 def no_model_loads(monkeypatch):
     def loaded(*args, **kwargs):
         raise AssertionError("a model or tokenizer was loaded before the mistake was reported")
-    for module in (train, eval_py):
+    for module in (train, eval_py, evaluation):
         for name in ("load_model", "load_tokenizer", "load_model_and_tokenizer"):
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, loaded)
@@ -74,7 +77,7 @@ def test_a_bad_data_file(tmp_path, capsys, case):
     (["--learning_rate", "-1"], "--learning_rate must be >= 0, got -1.0"),
     (["--model", "NoSuchModelFamily-7B"], "--model 'NoSuchModelFamily-7B': not a local directory, not a hub id"),
     (["--data", "/no/such/file.json"], "--data /no/such/file.json: no data file at"),
-    (["--data", "demo", "--data_split", "dev"], "--data demo: the demo set's splits are train, validation, test"),
+    (["--data", "demo", "--data_split", "dev"], "--data_split dev: --data demo has the splits train, validation, test"),
     (["--data", "{file}", "--data_split", "test"], "holds one split already"),
     (["--data", "demo-sft"], "--data demo-sft: its targets are a teacher's, for --sft_data"),
     (["--data", "{file}", "--prompts_per_step", "8"], "--prompts_per_step 8 is more than the 3 prompts"),
@@ -107,7 +110,7 @@ def test_skip_bad_rows_is_a_flag_and_named_in_the_error(tmp_path, capsys):
     line = one_line_error(capsys, lambda: train.main(["--data", path, "--output_dir", str(tmp_path / "run")]))
     assert "row 5: field 'input'" in line and "--skip_bad_rows" in line and "skip_bad_rows=True" not in line
     cfg = train.configure(["--data", path, "--skip_bad_rows", "--eval_data", path])
-    examples, sft_examples, eval_items = train.load_data(cfg)
+    examples, sft_examples, eval_items = run.load_data(cfg)
     assert len(examples) == 19 and sft_examples is examples    # --model tiny --data FILE: the warm start uses FILE
     assert len(eval_items) == 19                                # the held-out set too, read once, as eval.py reads it
     assert "row 5: field 'input'" in capsys.readouterr().out
@@ -154,7 +157,7 @@ def test_config_file_values_are_checked_and_flags_win(tmp_path, capsys):
     saved.write_text(json.dumps({"learning_rate": 0.5, "seed": 7, "resume": "old/run"}))
     cfg = train.configure(["--config", str(saved), "--seed", "3"])
     assert (cfg.learning_rate, cfg.seed, cfg.resume) == (0.5, 3, None)      # a saved --resume is not an order
-    assert cfg.max_steps == train.TINY_PRESET["max_steps"]                    # the preset fills the rest
+    assert cfg.max_steps == TINY_PRESET["max_steps"]                    # the preset fills the rest
     for content, words in [({"learning_rat": 1.0}, "unknown key 'learning_rat'"),
                            ({"learning_rate": "fast"}, 'learning_rate = "fast" is not a valid --learning_rate'),
                            ({"reward_scale": "huge"}, 'reward_scale = "huge" is not a valid --reward_scale')]:
