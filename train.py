@@ -31,12 +31,12 @@ from grpo.config import Config, configure, fail, reward_weights
 from grpo.evaluation import evaluate_heldout, evaluate_policy, heldout_config
 from grpo.guard import BadSteps, stop_non_finite
 from grpo.io import atomic_path, atomic_write_text
-from grpo.logprobs import CompletionLogprobs
 from grpo.loss import group_advantages
 from grpo.model import bf16_autocast, check_model_source, load_model, load_tokenizer, set_checkpointing, use_bf16
 from grpo.report import StepLog, plot_rewards, step_metrics, trend
 from grpo.rollout import decode_completions, eos_token_ids, generate_rollout, pad_token_id
 from grpo.sft import sft_warm_start
+from grpo.shared_prefix import logprobs_module
 from grpo.tracking import open_tracker
 from grpo.update import policy_update, rollout_logprobs
 from rewards import RewardConfig
@@ -171,7 +171,7 @@ def setup_models(cfg: Config, out: Path, device: str, autocast, resumed, sft_exa
     if cfg.gradient_checkpointing:
         set_checkpointing(model, True)
     model.train()
-    policy = CompletionLogprobs(model, cfg.logprob_chunk_size)
+    policy = logprobs_module(model, cfg.logprob_chunk_size, cfg.shared_prompt)   # each prompt once per group
     if cfg.sft_steps > 0 and not resumed:     # the reference is the policy GRPO starts from: after the warm start
         sft_warm_start(cfg, sft_examples, policy, tokenizer, autocast)   # every rank: the same steps and data
         if dist.rank() == 0:

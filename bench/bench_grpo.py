@@ -82,6 +82,8 @@ class Bench:
     generation_batch_size: int = field(256, "ours: sequences per generation batch (train.py's default)")
     gradient_checkpointing: bool = field(True, "recompute activations in backward (both engines)")
     skip_zero_advantage: bool = field(True, "ours: skip zero-advantage rows when beta = entropy_coef = 0 (train.py)")
+    shared_prompt: bool = field(True, "ours, lever: each group's prompt once in the update and log-prob passes "
+                                      "(train.py --shared_prompt, grpo/shared_prefix.py)")
     sort_by_length: bool = field(False, "ours, lever: order rows by length before scoring/update (exact when "
                                         "steps_per_generation = 1)")
     generation: str = field("ours", "ours: grpo.rollout (shared prefix, finished rows dropped); plain: one HF "
@@ -241,20 +243,20 @@ def measured_matmul_flops(device: str) -> float:
 def run_ours(bc: Bench, device: str) -> dict:
     from grpo import update
     from grpo.config import Config
-    from grpo.logprobs import CompletionLogprobs
     from grpo.loss import group_advantages
     from grpo.model import set_checkpointing
     from grpo import rollout as rollout_module
     from grpo.rollout import decode_completions, eos_token_ids, generate_rollout, pad_token_id
+    from grpo.shared_prefix import logprobs_module
 
     if bc.segment_tokens:
         rollout_module.SEGMENT_TOKENS = bc.segment_tokens
     if bc.logprobs != "chunked":
-        from grpo import logprobs as logprobs_module
+        from grpo import logprobs as logprobs_file
         if bc.logprobs == "checkpointed":
-            logprobs_module._ChunkLogprobs = CheckpointedChunk
+            logprobs_file._ChunkLogprobs = CheckpointedChunk
         else:
-            logprobs_module.CompletionLogprobs.forward = full_vocabulary_logprobs
+            logprobs_file.CompletionLogprobs.forward = full_vocabulary_logprobs
     if bc.kv_append == "cat":
         from transformers import DynamicCache
         rollout_module._new_cache = lambda model: DynamicCache(config=model.config)
@@ -267,7 +269,8 @@ def run_ours(bc: Bench, device: str) -> dict:
         from grpo.lora import TARGETS, add_adapters
         peft_model = add_adapters(model, bc.lora_r, 2.0 * bc.lora_r, TARGETS, base=bc.config)
     model.train()
-    policy = CompletionLogprobs(model, bc.logprob_chunk_size)
+    # the "full" baseline replaces CompletionLogprobs.forward, which a shared-prompt module does not call
+    policy = logprobs_module(model, bc.logprob_chunk_size, bc.shared_prompt and bc.logprobs != "full")
     ref_policy = None
     bf16 = use_bf16(bc.bf16, device)
     if bc.beta > 0 and peft_model is not None:   # train.py: the same weights with the adapters off
@@ -275,7 +278,7 @@ def run_ours(bc: Bench, device: str) -> dict:
         ref_policy = WithoutAdapters(policy, peft_model)
     elif bc.beta > 0:                     # train.py: a frozen copy, bf16 under --bf16
         ref = build_model(bc, device).to(torch.bfloat16 if bf16 else torch.float32)
-        ref_policy = CompletionLogprobs(ref.eval().requires_grad_(False), bc.logprob_chunk_size)
+        ref_policy = type(policy)(ref.eval().requires_grad_(False), bc.logprob_chunk_size)
     cfg = replace(Config(), prompts_per_step=bc.prompts, num_generations=bc.num_generations,
                   max_new_tokens=bc.completion_tokens, micro_batch_size=bc.micro_batch_size, beta=bc.beta,
                   entropy_coef=bc.entropy_coef, steps_per_generation=1, temperature=1.0,

@@ -2,6 +2,8 @@
 
     loss.py        group-relative advantages, clipped surrogate, k3 KL, and GRPO's variants (the math)
     logprobs.py    completion-only, chunked log-probs and entropies
+    shared_prefix.py  the same log-probs with each group's prompt computed once (the update, old/ref passes)
+    packing.py     the same log-probs of whole sequences packed end to end, no padding (the warm start)
     rollout.py     sampling G completions per prompt with HF generate, completion masks
     update.py      one rollout batch's update: old/ref log-probs, optimizer steps in micro-batches; the LR schedule
     sft.py         the supervised warm start

@@ -95,6 +95,9 @@ class Config:
                                              "0.2 = Wang et al. 2025's")
     gradient_checkpointing: bool = field(True, "recompute activations in backward (training forward only)")
     logprob_chunk_size: int = field(1024, "completion tokens per LM-head chunk")
+    shared_prompt: bool = field(True, "run each group's prompt once in the update and the old/reference log-prob "
+                                      "passes, its G completions against its keys and values (grpo/shared_prefix.py; "
+                                      "same result); false: every completion with its whole prompt")
     skip_zero_advantage: bool = field(True, "skip forward/backward of zero-advantage completions when beta = 0 "
                                              "and entropy_coef = 0 (their loss is exactly 0); one rank only")
     max_bad_steps: int = field(3, "abort after this many non-finite steps in a row")
@@ -115,6 +118,8 @@ class Config:
                                        "demo, or demo-sft: the demo's train prompts answered by an imperfect teacher)")
     sft_steps: int = field(0, "supervised optimizer steps before GRPO")
     sft_batch_size: int = field(16, "examples per supervised step")
+    sft_packing: bool = field(True, "warm start on packed rows (grpo/packing.py): whole sequences end to end, no "
+                                    "compute on padding (same result); false: one left/right-padded batch per step")
     sft_learning_rate: float = field(1e-5, "learning rate of the supervised warm start")
     sft_lr_scheduler_type: str = field("constant", "warm start's learning-rate schedule after its warm-up",
                                        choices=["constant", "linear", "cosine"])
@@ -140,6 +145,9 @@ TINY_PRESET = dict(
     temperature=1.0, max_steps=30, steps_per_generation=2, micro_batch_size=64, learning_rate=2e-4, beta=0.0,
     entropy_coef=0.0, gradient_checkpointing=False, sft_data="demo-sft", sft_steps=600, sft_batch_size=16,
     sft_learning_rate=3e-3, save_every=10, log_samples_every=10, cpu_threads=2,
+    # the demo's ~250-token sequences: one padded batch of 16 (1.25x the real positions) beats packed rows, which
+    # run one forward each (15 warm-start steps on 2 threads: 9.4 s padded, 17.5 s packed; docs/PERFORMANCE.md)
+    sft_packing=False,
 )
 
 
@@ -149,8 +157,8 @@ TINY_PRESET = dict(
 # --allow_config_change. (--max_steps also moves a decaying schedule: compared then.)
 FREE_ON_RESUME = {"output_dir", "resume", "overwrite_output_dir", "allow_config_change", "trust_remote_code",
                   "cpu_threads", "fsdp", "generation_batch_size", "compile_generation", "micro_batch_size",
-                  "gradient_checkpointing", "logprob_chunk_size", "save_every", "keep_checkpoints",
-                  "log_samples_every", "eval_data", "max_steps", "report_to", "eval_every", "eval_limit", "merge_lora"}
+                  "gradient_checkpointing", "logprob_chunk_size", "shared_prompt", "sft_packing", "save_every",
+                  "keep_checkpoints", "log_samples_every", "eval_data", "max_steps", "report_to", "eval_every", "eval_limit", "merge_lora"}
 NOT_IN_CONFIG_FILE = ("resume", "overwrite_output_dir", "allow_config_change")   # what to do, not what the run is
 
 

@@ -102,19 +102,25 @@ class CompletionLogprobs(nn.Module):
         out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                     position_ids=position_ids_from_mask(attention_mask), use_cache=False)
         hidden = out.last_hidden_state[:, -T - 1:-1]                         # (N, T, H): state before each token
-        rows = hidden[completion_mask]                                       # (M, H) real tokens only
-        targets = input_ids[:, -T:][completion_mask]                         # (M,)
-        weight = self.model.get_output_embeddings().weight                   # (V, H)
-        logp_parts, ent_parts = [], []
-        for i in range(0, rows.shape[0], self.chunk_size):
-            lp, ent = _ChunkLogprobs.apply(rows[i:i + self.chunk_size], targets[i:i + self.chunk_size], weight,
-                                           temperature)                      # (m,), (m,)
-            logp_parts.append(lp)
-            ent_parts.append(ent)
-        # Zeros tied to the graph, so a batch with no completion tokens still has a (zero) gradient path.
-        zeros = hidden.sum(-1).float() * 0                                   # (N, T)
-        if not logp_parts:
-            return zeros, zeros
-        logp = zeros.masked_scatter(completion_mask, torch.cat(logp_parts))  # (N, T)
-        entropy = zeros.masked_scatter(completion_mask, torch.cat(ent_parts))
-        return logp, entropy
+        return head_logprobs(hidden, input_ids[:, -T:], completion_mask, self.model.get_output_embeddings().weight,
+                             self.chunk_size, temperature)
+
+
+def head_logprobs(hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor,
+                  chunk_size: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LM head on real target positions only, `chunk_size` rows at a time: hidden (n, t, H) is the state before
+    each target, targets and mask (n, t), weight (V, H). Returns logp, entropy (n, t) float32, zero off-mask.
+    Shared by every way of running the decoder (padded, shared prompt, packed)."""
+    rows = hidden[mask]                                                      # (M, H) real targets only
+    flat_targets = targets[mask]                                             # (M,)
+    logp_parts, ent_parts = [], []
+    for i in range(0, rows.shape[0], chunk_size):
+        lp, ent = _ChunkLogprobs.apply(rows[i:i + chunk_size], flat_targets[i:i + chunk_size], weight,
+                                       temperature)                          # (m,), (m,)
+        logp_parts.append(lp)
+        ent_parts.append(ent)
+    # Zeros tied to the graph, so a batch with no target tokens still has a (zero) gradient path.
+    zeros = hidden.sum(-1).float() * 0                                       # (n, t)
+    if not logp_parts:
+        return zeros, zeros
+    return zeros.masked_scatter(mask, torch.cat(logp_parts)), zeros.masked_scatter(mask, torch.cat(ent_parts))

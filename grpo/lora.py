@@ -23,7 +23,6 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from grpo.logprobs import CompletionLogprobs
 from grpo.model import base_of, is_adapter, load_model  # noqa: F401  (is_adapter: checkpoint.py, run.py)
 
 # every linear layer of a Qwen2 / Llama decoder block (attention and MLP); the LM head and embeddings stay out
@@ -89,7 +88,7 @@ def reference_policy(policy: nn.Module, peft_model, ref_path: str, *, device: st
         return WithoutAdapters(policy, peft_model)
     ref_model = load_model(ref_path, device=device, dtype=torch.bfloat16 if bf16 else torch.float32,
                            trust_remote_code=trust_remote_code).eval().requires_grad_(False)
-    return CompletionLogprobs(ref_model, policy.chunk_size)
+    return type(policy)(ref_model, policy.chunk_size)                  # computed as the policy's log-probs are
 
 
 def save_merged(peft_model, tokenizer, path: Path) -> None:

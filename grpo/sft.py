@@ -13,6 +13,7 @@ from data import build_prompts
 from grpo.guard import BadSteps
 from grpo.logprobs import CompletionLogprobs
 from grpo.loss import masked_sum
+from grpo.packing import PackedLogprobs, pack
 from grpo.rollout import left_pad, pad_token_id
 from grpo.update import lr_factor
 
@@ -33,21 +34,13 @@ def sft_warm_start(cfg, examples: list, policy: CompletionLogprobs, tokenizer, a
     schedule = LambdaLR(optimizer, partial(lr_factor, cfg.sft_lr_scheduler_type, cfg.sft_warmup_steps, cfg.sft_steps)
                         if seconds is None else lambda step: 1.0)
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed))
-    device = next(policy.parameters()).device
+    packed = PackedLogprobs(policy.model, policy.chunk_size) if cfg.sft_packing else None
     t0, step, bad = time.perf_counter(), start, BadSteps(cfg.max_bad_steps)
     bar = tqdm(total=cfg.sft_steps if seconds is None else None, desc="warm start (supervised)")
     while (step < start + cfg.sft_steps) if seconds is None else (time.perf_counter() - t0 < seconds):
         idx = [order[(step * cfg.sft_batch_size + i) % len(examples)].item() for i in range(cfg.sft_batch_size)]
-        prompt_ids, prompt_mask = left_pad([prompts[i] for i in idx], pad_token_id(tokenizer))     # (b, P)
-        T = max(len(targets[i]) for i in idx)
-        target_ids = torch.tensor([targets[i] + [pad_token_id(tokenizer)] * (T - len(targets[i])) for i in idx])
-        target_mask = torch.tensor([[t < len(targets[i]) for t in range(T)] for i in idx])         # (b, T)
-        ids = torch.cat([prompt_ids, target_ids], 1).to(device)
-        attn = torch.cat([prompt_mask, target_mask.long()], 1).to(device)
-        with autocast():
-            logp, _ = policy(ids, attn, target_mask.to(device))                                    # (b, T)
-        loss = -masked_sum(logp, target_mask.to(device)) / target_mask.sum()
-        loss.backward()
+        loss = supervised_loss([prompts[i] for i in idx], [targets[i] for i in idx], policy, packed, tokenizer,
+                               autocast)              # its backward is done
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
         if torch.isfinite(grad_norm):                      # a non-finite loss has a non-finite gradient too
             optimizer.step()
@@ -63,3 +56,32 @@ def sft_warm_start(cfg, examples: list, policy: CompletionLogprobs, tokenizer, a
         step += 1
     bar.close()
     return step - start
+
+
+def supervised_loss(prompts: list[list[int]], targets: list[list[int]], policy: CompletionLogprobs,
+                    packed: PackedLogprobs | None, tokenizer, autocast) -> torch.Tensor:
+    """-mean log p(target | prompt) over the batch's target tokens, its gradient accumulated (backward done).
+    packed: whole sequences end to end in rows (grpo/packing.py), each row one forward, no padding computed;
+    None: one batch of [left-padded prompts | right-padded targets]. The same loss and gradient either way."""
+    device = next(policy.parameters()).device
+    n_targets = sum(len(t) for t in targets)
+    if packed is not None:
+        loss = 0.0
+        for row in pack(prompts, targets):
+            with autocast():
+                logp, _ = packed(row.input_ids.to(device), row.position_ids.to(device), row.target_mask.to(device))
+            row_loss = -logp.sum() / n_targets                                                  # (1, S) -> scalar
+            row_loss.backward()
+            loss += row_loss.detach()
+        return loss
+    prompt_ids, prompt_mask = left_pad(prompts, pad_token_id(tokenizer))                         # (b, P)
+    T = max(len(t) for t in targets)
+    target_ids = torch.tensor([t + [pad_token_id(tokenizer)] * (T - len(t)) for t in targets])
+    target_mask = torch.tensor([[j < len(t) for j in range(T)] for t in targets])                # (b, T)
+    ids = torch.cat([prompt_ids, target_ids], 1).to(device)
+    attn = torch.cat([prompt_mask, target_mask.long()], 1).to(device)
+    with autocast():
+        logp, _ = policy(ids, attn, target_mask.to(device))                                      # (b, T)
+    loss = -masked_sum(logp, target_mask.to(device)) / n_targets
+    loss.backward()
+    return loss

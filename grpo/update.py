@@ -16,6 +16,7 @@ from grpo import dist
 from grpo.logprobs import CompletionLogprobs
 from grpo.loss import StepCounts, aggregate_loss, grpo_token_loss, high_entropy_mask, loss_mask, masked_sum
 from grpo.rollout import Rollout
+from grpo.shared_prefix import SharedPromptLogprobs, positions
 
 
 def lr_factor(kind: str, warmup_steps: int, total_steps: int, step: int) -> float:
@@ -66,7 +67,8 @@ def _policy_update(policy, optimizer, rollout: Rollout, advantages, old_logp, re
     skip_flat = (cfg.skip_zero_advantage and cfg.beta == 0 and cfg.entropy_coef == 0 and W == 1
                  and cfg.loss_type != "bnpo" and cfg.top_entropy_quantile == 1.0)
     keep = loss_mask(rollout.completion_mask, rollout.truncated, cfg.mask_truncated_completions)    # (N, T)
-    totals = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0, "skipped": 0}
+    totals = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0, "skipped": 0,
+              "positions_computed": 0, "positions_real": 0}
     if cfg.mask_truncated_completions:                  # completions cut at --max_new_tokens, out of the loss
         totals["frac_masked_truncated"] = rollout.truncated.float().mean().item()
     for k in range(cfg.steps_per_generation):
@@ -87,6 +89,10 @@ def _policy_update(policy, optimizer, rollout: Rollout, advantages, old_logp, re
             # One optimizer step per rollout: on-policy, so old = current (ratio 1, clipping inactive).
             old = logp.detach() if cfg.steps_per_generation == 1 else old_logp[micro, :t]
             ref = ref_logp[micro, :t] if ref_logp is not None else None
+            computed, real = positions(mb.input_ids, mb.attention_mask, mb.completion_mask,
+                                       isinstance(getattr(policy, "module", policy), SharedPromptLogprobs))  # DDP: .module
+            totals["positions_computed"] += computed
+            totals["positions_real"] += real
             token_loss, parts = grpo_token_loss(logp, old, advantages[micro], cfg.epsilon, cfg.epsilon_high, ref,
                                                 cfg.beta, entropy, cfg.entropy_coef, mask, cfg.importance_sampling_level,
                                                 high_entropy_mask(entropy, mask, cfg.top_entropy_quantile))
@@ -106,4 +112,6 @@ def _policy_update(policy, optimizer, rollout: Rollout, advantages, old_logp, re
             totals["skipped"] += 1
         optimizer.zero_grad(set_to_none=True)
         totals["grad_norm"] += grad_norm.item() / cfg.steps_per_generation
+    # the decoder's positions over the real ones (padding, and prompts repeated without --shared_prompt)
+    totals["positions_ratio"] = totals.pop("positions_computed") / max(1, totals.pop("positions_real"))
     return totals
