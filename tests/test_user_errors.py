@@ -91,6 +91,9 @@ def test_a_bad_data_file(tmp_path, capsys, case):
     (["--model", "/no/such/model"], "--model /no/such/model: no such directory"),
     (["--sft_data", "/no/such.json"], "--sft_data /no/such.json: no data file at"),
     (["--eval_data", "/no/such.json"], "--eval_data /no/such.json: no data file at"),
+    (["--top_entropy_quantile", "2"], "--top_entropy_quantile must be in [0, 1], got 2.0"),
+    (["--reward_weights", "1,x"], "--reward_weights '1,x': 'x' is not a number"),
+    (["--loss_type", "mean"], "argument --loss_type: invalid choice: 'mean'"),
 ])
 def test_a_bad_flag(tmp_path, capsys, args, words):
     file = data_file(tmp_path, "rows.jsonl", b"".join(
