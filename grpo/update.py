@@ -1,7 +1,9 @@
 """The GRPO update of one rollout batch: old and reference log-probs once, then `steps_per_generation` optimizer
 steps of the clipped surrogate + beta * k3 KL (grpo/loss.py), each over its share of the B*G completions, in
 micro-batches whose gradients add up to the whole mini-batch's: the loss is divided by the mini-batch's token
-count, fixed before the first backward. Also the learning-rate schedule.
+count, fixed before the first backward (or by another normaliser: --loss_type). Also the learning-rate schedule.
+`policy` is a CompletionLogprobs, or with --shared_prompt a SharedPromptLogprobs, which runs each group's prompt
+once (grpo/shared_prefix.py): micro-batches keep a group's rows adjacent, as the rollout lays them out.
 
 Notation: N = B * G completions of the rollout (prompt-major), T = completion tokens.
 """
