@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from grpo import dist, lora
 from grpo.io import atomic_path
+from grpo.model import is_adapter
 
 PREFIX = "checkpoint-"
 
@@ -79,7 +80,7 @@ SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16:
 def load_trainer_state(checkpoint: Path, trust_remote_code: bool = False) -> dict:
     """The trainer state of a whole checkpoint; otherwise raises an error that says what is wrong.
     Reads the weights' headers, not the weights; never unpickles code."""
-    adapters = lora.is_adapter(checkpoint)                  # --lora_r: the adapters on their base model
+    adapters = is_adapter(checkpoint)                  # --lora_r: the adapters on their base model
     for name in ("adapter_config.json" if adapters else "config.json", "train_config.json", "trainer_state.pt"):
         if not (checkpoint / name).is_file():
             raise ValueError(f"missing {name}")

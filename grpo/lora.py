@@ -23,7 +23,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from grpo.model import base_of, is_adapter, load_model  # noqa: F401  (is_adapter: checkpoint.py, run.py)
+from grpo.model import base_of, load_model
 
 # every linear layer of a Qwen2 / Llama decoder block (attention and MLP); the LM head and embeddings stay out
 TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"

@@ -10,11 +10,12 @@ import torch
 
 from data import DownloadError, load_examples
 from grpo import checkpoint as ckpt
-from grpo import dist, lora
+from grpo import dist
 from grpo.cli import FALSE_WORDS, TRUE_WORDS, config_json
 from grpo.config import FREE_ON_RESUME, Config, fail
 from grpo.evaluation import BENCHMARKS, heldout_config
 from grpo.io import remove
+from grpo.model import is_adapter
 from grpo.update import lr_schedule
 
 
@@ -85,8 +86,8 @@ def resume_point(cfg: Config) -> tuple[tuple[Path, dict] | None, dict]:
             if resumed is None:
                 fail(f"--resume {cfg.resume}: none of its {len(tried)} checkpoint(s) is usable (each is named "
                      f"above with its reason); nothing was changed")
-            if lora.is_adapter(resumed[0]) != bool(cfg.lora_r):
-                fail(f"--resume {resumed[0]} holds {'LoRA adapters' if lora.is_adapter(resumed[0]) else 'full weights'}"
+            if is_adapter(resumed[0]) != bool(cfg.lora_r):
+                fail(f"--resume {resumed[0]} holds {'LoRA adapters' if is_adapter(resumed[0]) else 'full weights'}"
                      f": resume it with the --lora_r it was trained with")
     resume_path = Path(cfg.resume).resolve() if cfg.resume else None
     own_run = resume_path is not None and out.resolve() in (resume_path, resume_path.parent)   # this dir's run

@@ -16,7 +16,7 @@ from conftest import run_then_sigkill  # noqa: E402
 from grpo import checkpoint as ckpt  # noqa: E402
 from grpo import lora, update  # noqa: E402
 from grpo.logprobs import CompletionLogprobs  # noqa: E402
-from grpo.model import load_model, set_checkpointing  # noqa: E402
+from grpo.model import base_of, load_model, set_checkpointing  # noqa: E402
 from grpo.tiny import build_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,7 +150,7 @@ def test_checkpoint_holds_the_adapters_in_peft_format(lora_run):
     assert {"adapter_config.json", "adapter_model.safetensors", "train_config.json", "trainer_state.pt"} <= \
         {p.name for p in final.iterdir()}
     assert not (final / "model.safetensors").exists()
-    assert lora.base_of(final) == str((lora_run / "sft-init").resolve())   # the warm start: GRPO's start
+    assert base_of(final) == str((lora_run / "sft-init").resolve())   # the warm start: GRPO's start
     state = ckpt.load_trainer_state(final)
     # AdamW state for the adapters alone: 7 layers x 2 decoder blocks x (A, B)
     assert state["step"] == 4 and len(state["optimizer"]["state"]) == 7 * 2 * 2
