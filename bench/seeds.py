@@ -15,13 +15,16 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import fields, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from grpo.evaluation import EvalConfig, evaluate  # noqa: E402
 from grpo.checkpoint import list_checkpoints  # noqa: E402
+from grpo.config import Config  # noqa: E402
+from grpo.evaluation import evaluate, heldout_config  # noqa: E402
+from grpo.model import use_bf16  # noqa: E402
 
 COLUMNS = ("warm_test", "final_test", "gain_test", "warm_val", "final_val", "minutes")
 
@@ -35,8 +38,11 @@ def one_run(out: Path, seed: int, threads: int, extra: list[str]) -> dict:
     minutes = (time.perf_counter() - t0) / 60
     test = json.loads((run / "eval" / "summary.json").read_text())["results"]
     warm, final = str(run / "sft-init"), str(list_checkpoints(run)[0])
-    val = evaluate(EvalConfig(model=[warm, final], benchmarks="demo", demo_split="validation", max_new_tokens=96,
-                              max_prompt_tokens=512, output_dir=str(run / "eval-validation"), device="cpu", bf16="false"))
+    saved = json.loads((run / "train_config.json").read_text())        # the run's own lengths and precision
+    cfg = Config(**{f.name: saved[f.name] for f in fields(Config) if f.name in saved})
+    config = replace(heldout_config(cfg, "cpu", [warm, final], run / "eval-validation", use_bf16(cfg.bf16, "cpu")),
+                     demo_split="validation")
+    val = evaluate(config)
     row = {"seed": seed, "threads": threads, "warm_test": 100 * test[warm]["demo"]["exact_match"],
            "final_test": 100 * test[final]["demo"]["exact_match"], "warm_val": 100 * val[warm]["demo"]["exact_match"],
            "final_val": 100 * val[final]["demo"]["exact_match"], "minutes": minutes}
