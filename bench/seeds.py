@@ -15,14 +15,14 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from grpo.checkpoint import list_checkpoints  # noqa: E402
-from grpo.config import Config  # noqa: E402
+from grpo.config import saved_config  # noqa: E402
 from grpo.evaluation import evaluate, heldout_config  # noqa: E402
 from grpo.model import use_bf16  # noqa: E402
 
@@ -38,8 +38,7 @@ def one_run(out: Path, seed: int, threads: int, extra: list[str]) -> dict:
     minutes = (time.perf_counter() - t0) / 60
     test = json.loads((run / "eval" / "summary.json").read_text())["results"]
     warm, final = str(run / "sft-init"), str(list_checkpoints(run)[0])
-    saved = json.loads((run / "train_config.json").read_text())        # the run's own lengths and precision
-    cfg = Config(**{f.name: saved[f.name] for f in fields(Config) if f.name in saved})
+    cfg = saved_config(json.loads((run / "train_config.json").read_text()))   # the run's own lengths, precision
     config = replace(heldout_config(cfg, "cpu", [warm, final], run / "eval-validation", use_bf16(cfg.bf16, "cpu")),
                      demo_split="validation")
     val = evaluate(config)

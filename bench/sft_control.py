@@ -20,7 +20,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data.jsonl import read_jsonl  # noqa: E402
 from grpo import checkpoint as ckpt  # noqa: E402
-from grpo.config import Config  # noqa: E402
+from grpo.config import saved_config  # noqa: E402
 from grpo.evaluation import evaluate_heldout  # noqa: E402
 from grpo.io import atomic_path  # noqa: E402
 from grpo.logprobs import CompletionLogprobs  # noqa: E402
@@ -50,7 +50,7 @@ def main(argv=None):
         raise SystemExit(f"{run}: not a finished train.py run with a warm start (needs train_config.json, "
                          "metrics.jsonl and sft-init/)")
     saved = json.loads(config_path.read_text())
-    cfg = Config(**{f.name: saved[f.name] for f in fields(Config) if f.name in saved})
+    cfg = saved_config(saved)
     name, warm_data = "sft-control", cfg.sft_data
     if args.sft_data and args.sft_data != cfg.sft_data:
         name, cfg = f"sft-control-{Path(args.sft_data).stem}", replace(cfg, sft_data=args.sft_data)

@@ -3,7 +3,7 @@ turns a command line into a checked Config before any model or data is loaded (a
 naming its flag, exit code 2)."""
 import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from functools import partial
 from pathlib import Path
 
@@ -255,6 +255,12 @@ def check(cfg: Config) -> None:
         if context and cfg.max_prompt_length + cfg.max_new_tokens > context:
             fail(f"--max_prompt_length {cfg.max_prompt_length} + --max_new_tokens {cfg.max_new_tokens} "
                  f"exceeds the model's {context} positions: no room for completion tokens")
+
+
+def saved_config(values: dict) -> Config:
+    """The Config of a run's train_config.json (its values, as a dict): keys that are no field are ignored, fields
+    the file lacks (added since) keep their defaults."""
+    return Config(**{f.name: values[f.name] for f in fields(Config) if f.name in values})
 
 
 def reward_weights(cfg: Config) -> dict[str, float] | None:
