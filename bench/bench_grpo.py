@@ -478,17 +478,27 @@ def floor_terms(bc: Bench, P: list[int], T: list[int], update_rows: list[bool], 
     decode    every decode step reads the weights once and the KV cache of every live row, at copy bandwidth
     reference 2 * params * tokens (LM head on completion tokens only), when beta > 0
     update    6 * the same (forward + backward), + 2 * the same for the recompute with checkpointing
+    With --shared_prompt the reference and update passes count each group's prompt once (among the rows they run),
+    as they compute it: the work needed, not the work of the unshared path.
     """
     s = sizes(Qwen2Config(**ARCHITECTURES[bc.config]))
     n_params = s["n_body"] + s["n_head"]
     decode_bytes = sum(n_params * gen_bytes + s["kv_elements"] * gen_bytes * sum(p + t for p, n in zip(P, T) if n > t)
                        for t in range(max(T)))
-    update_tokens = sum(p + t for p, t, u in zip(P, T, update_rows) if u)
+    G = bc.num_generations
+
+    def prompt_tokens(rows: list[bool]) -> int:             # prompt positions a pass over `rows` computes
+        if not bc.shared_prompt:
+            return sum(p for p, r in zip(P, rows) if r)
+        return sum(P[i] for i in range(0, len(P), G) if any(rows[i:i + G]))
+
+    update_tokens = prompt_tokens(update_rows) + sum(t for t, u in zip(T, update_rows) if u)
     update_completion = sum(t for t, u in zip(T, update_rows) if u)
     per_pass = s["n_body"] * update_tokens + s["n_head"] * update_completion       # FLOPs / 2 of one forward
-    terms = dict(prefill=2 * s["n_body"] * sum(P[::bc.num_generations]) / peak,
+    reference_tokens = prompt_tokens([True] * len(P)) + sum(T)
+    terms = dict(prefill=2 * s["n_body"] * sum(P[::G]) / peak,
                  decode=decode_bytes / bandwidth,
-                 reference=2 * (s["n_body"] * (sum(P) + sum(T)) + s["n_head"] * sum(T)) / peak if bc.beta > 0 else 0.0,
+                 reference=2 * (s["n_body"] * reference_tokens + s["n_head"] * sum(T)) / peak if bc.beta > 0 else 0.0,
                  update=(6 + 2 * bc.gradient_checkpointing) * per_pass / peak)
     return dict(terms=terms, floor=sum(terms.values()), decode_bytes=decode_bytes, update_flops=6 * per_pass,
                 update_hw_flops=(6 + 2 * bc.gradient_checkpointing) * per_pass, update_tokens=update_tokens,
@@ -502,7 +512,7 @@ def memory_plan(bc: Bench, P: list[int], T: list[int], device: str) -> dict:
                 micro_batch_size=bc.micro_batch_size, generation_batch_size=bc.generation_batch_size,
                 logprob_chunk_size=bc.logprob_chunk_size, beta=bc.beta, gradient_checkpointing=bc.gradient_checkpointing,
                 bf16=use_bf16(bc.bf16, device), old_logprobs=False, lora_r=bc.lora_r,
-                segment=bc.segment_tokens or None)
+                segment=bc.segment_tokens or None, shared_prompt=bc.shared_prompt and bc.logprobs != "full")
 
 
 def print_floor(f: dict) -> None:

@@ -57,7 +57,7 @@ def sizes(c: Qwen2Config) -> dict:
 def plan(c: Qwen2Config, P: list[int], T: list[int], *, num_generations: int, micro_batch_size: int,
          generation_batch_size: int, logprob_chunk_size: int, beta: float, gradient_checkpointing: bool, bf16: bool,
          old_logprobs: bool, steps_per_generation: int = 1, trainable_params: int | None = None, lora_r: int = 0,
-         segment: int | None = None, baseline_gb: float = 0.0) -> dict:
+         segment: int | None = None, baseline_gb: float = 0.0, shared_prompt: bool = False) -> dict:
     """The memory (GB) each phase should peak at, term by term, for rows with prompt lengths P and completion lengths
     T (prompt-major), after the first optimizer step (so AdamW's moments exist).
 
@@ -78,6 +78,11 @@ def plan(c: Qwen2Config, P: list[int], T: list[int], *, num_generations: int, mi
     layer        one decoder layer's activations while it is recomputed and back-propagated, and their
                  gradients: about 2 (4 I + 10 H) values per token of the longest micro-batch (all L layers' when
                  not checkpointing)
+                 A micro-batch's tokens: mb (P + T) rows of [prompt | completion]; with --shared_prompt each of its
+                 groups' prompts once, k P + mb T (k groups: mb / G rounded up, one more where a group is cut)
+    prompt_kv    --shared_prompt only: the k prompts' keys and values of every layer, held while the completions
+                 run, and one layer's copy repeated to the mb rows (every layer's when not checkpointing; the
+                 gradient-free log-prob passes hold one layer's copy, so there it is an overestimate)
     forward_layer  a forward without gradients holds one layer's activations at a time: half of `layer`
     lm_head      one chunk of completion tokens' logits: (m, V) at a bytes, then three float32 (m, V) temporaries
     adamw_step   torch's foreach AdamW: one float32 temporary the size of the trainable parameters
@@ -101,16 +106,21 @@ def plan(c: Qwen2Config, P: list[int], T: list[int], *, num_generations: int, mi
     rows = len(P)
     prompts_per_call = min(max(1, rows // G), max(1, generation_batch_size // G))
     live = prompts_per_call * G                                  # rows of one generation call
-    longest = max(P) + max(T)                                    # the longest micro-batch
     mb = min(micro_batch_size, rows)
+    cut = mb % G != 0 and G % mb != 0                                    # micro-batches may cut a group
+    groups = min(mb, -(-mb // G) + cut) if shared_prompt else mb         # prompts a micro-batch computes
+    tokens = groups * max(P) + mb * max(T)                               # the longest micro-batch's positions
     chunk = min(logprob_chunk_size, mb * max(T))
-    layer = 2 * (4 * I + 10 * H) * a * mb * longest                      # one layer, activations + gradients
+    layer = 2 * (4 * I + 10 * H) * a * tokens                            # one layer, activations + gradients
+    kv_bytes = s["kv_elements"] // 2 * (4 + a)                           # K float32 (rotary), V at a, every layer
+    prompt_kv = kv_bytes * max(P) * (groups + mb * (1 if gradient_checkpointing else layers) / layers)
     terms = dict(baseline=baseline_gb * 1e9, state=4 * n + 8 * n_t, grads=4 * n_t, casts=2 * n if bf16 else 0,
                  reference=(2 if bf16 else 4) * n if beta > 0 and not lora_r else 0,
-                 kv_cache=s["kv_elements"] // 2 * (4 + a) * live * (max(P) + max(T) + (segment or SEGMENT_TOKENS)),
+                 kv_cache=kv_bytes * live * (max(P) + max(T) + (segment or SEGMENT_TOKENS)),
                  prefill=3 * I * a * prompts_per_call * max(P),
                  sampling=2 * 4 * live * V,
-                 checkpoints=layers * mb * longest * H * 4 if gradient_checkpointing else 0,
+                 checkpoints=layers * tokens * H * 4 if gradient_checkpointing else 0,
+                 prompt_kv=prompt_kv if shared_prompt else 0,
                  layer=layer * (1 if gradient_checkpointing else layers),
                  forward_layer=layer // 2,
                  lm_head=chunk * V * (a + 3 * 4),
@@ -119,7 +129,7 @@ def plan(c: Qwen2Config, P: list[int], T: list[int], *, num_generations: int, mi
     gb = {name: sum(t[k] for k in names) for name, names in phase_terms(old_logprobs).items()}
     accumulates = rows // steps_per_generation > micro_batch_size        # a second micro-batch meets the gradients
     if not accumulates:
-        gb["backward"] -= min(t["grads"], sum(t[k] for k in ("casts", "checkpoints", "layer", "lm_head")))
+        gb["backward"] -= min(t["grads"], sum(t[k] for k in ("casts", "checkpoints", "layer", "prompt_kv", "lm_head")))
     update = max(gb["backward"], gb["optimizer_step"])
     return dict(terms=t, old_logprobs=old_logprobs, accumulates=accumulates, generation=gb["generation"],
                 logprobs=gb["logprobs"],
@@ -132,8 +142,9 @@ def phase_terms(old_logprobs: bool) -> dict[str, tuple[str, ...]]:
     the reference's alone runs a model that is bf16 already."""
     return dict(generation=("baseline", "state", "casts", "reference", "kv_cache", "prefill", "sampling"),
                 logprobs=("baseline", "state", *(("casts",) if old_logprobs else ()), "reference", "forward_layer",
+                          "prompt_kv", "lm_head"),
+                backward=("baseline", "state", "grads", "casts", "reference", "checkpoints", "layer", "prompt_kv",
                           "lm_head"),
-                backward=("baseline", "state", "grads", "casts", "reference", "checkpoints", "layer", "lm_head"),
                 optimizer_step=("baseline", "state", "grads", "reference", "adamw_step"))
 
 
@@ -192,7 +203,7 @@ def plan_for_flags(m: Memory, cfg, micro_batch_size=None, generation_batch_size=
                 gradient_checkpointing=cfg.gradient_checkpointing, bf16=use_bf16(cfg.bf16, m.device),
                 old_logprobs=cfg.steps_per_generation > 1, steps_per_generation=cfg.steps_per_generation,
                 trainable_params=m.trainable_params or None, lora_r=cfg.lora_r,
-                baseline_gb=baseline_gb)
+                baseline_gb=baseline_gb, shared_prompt=cfg.shared_prompt)
 
 
 def fits(m: Memory, cfg) -> None:

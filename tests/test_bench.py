@@ -182,9 +182,27 @@ def test_memory_plan_trainable_parameters_and_flags():
     one = replace(cfg, prompts_per_step=1, num_generations=2, micro_batch_size=2, steps_per_generation=1)
     single, accumulated = memory.plan_for_flags(m, one), memory.plan_for_flags(m, replace(one, micro_batch_size=1))
     t = single["terms"]
-    activations = t["casts"] + t["checkpoints"] + t["layer"] + t["lm_head"]
+    activations = t["casts"] + t["checkpoints"] + t["layer"] + t["prompt_kv"] + t["lm_head"]
     assert single["backward"] == pytest.approx(t["state"] + t["reference"] + max(t["grads"], activations))
     assert accumulated["accumulates"] and not single["accumulates"]
+
+
+def test_memory_plan_counts_a_shared_prompt_once_per_group():
+    """--shared_prompt: a micro-batch of 8 rows in groups of 4 computes 2 prompts + 8 completions, not 8 rows of
+    both, and holds the prompts' keys/values; the unshared plan has no such term."""
+    import memory
+    from common import ARCHITECTURES
+    from transformers import Qwen2Config
+    c = Qwen2Config(**ARCHITECTURES["qwen2.5-1.5b"])
+    kwargs = dict(num_generations=4, micro_batch_size=8, generation_batch_size=16, logprob_chunk_size=1024, beta=0.0,
+                  gradient_checkpointing=True, bf16=True, old_logprobs=False)
+    P, T = [2000] * 16, [100] * 16
+    shared, padded = (memory.plan(c, P, T, shared_prompt=s, **kwargs)["terms"] for s in (True, False))
+    assert shared["layer"] / padded["layer"] == pytest.approx((2 * 2000 + 8 * 100) / (8 * 2100))
+    assert shared["checkpoints"] / padded["checkpoints"] == pytest.approx((2 * 2000 + 8 * 100) / (8 * 2100))
+    assert padded["prompt_kv"] == 0 and shared["prompt_kv"] > 0
+    cut = memory.plan(c, P, T, shared_prompt=True, **{**kwargs, "micro_batch_size": 6})["terms"]   # 6 rows: 2-3 groups
+    assert cut["layer"] == pytest.approx(shared["layer"] * (3 * 2000 + 6 * 100) / (2 * 2000 + 8 * 100))
 
 
 def test_memory_fits_table(capsys):
