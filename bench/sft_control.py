@@ -2,6 +2,7 @@
 
     python bench/sft_control.py runs/grpo                  # after `python train.py` wrote runs/grpo
     python bench/sft_control.py runs/grpo --sft_data demo  # the same, on the gold calls instead of the teacher's
+    python bench/sft_control.py runs/smol --eval_data none # the control only (docs/REAL_MODEL.md scores it with eval.py)
 
 Takes a finished train.py run with a supervised warm start, continues that warm start (sft-init/) with more
 supervised steps, on the same data (or on --sft_data) with the same batch size and learning rate, for as much
@@ -43,6 +44,8 @@ def main(argv=None):
     parser.add_argument("run", help="output directory of a finished train.py run with --sft_steps > 0")
     parser.add_argument("--sft_data", help="the control's data (default: the run's --sft_data), e.g. demo: the "
                                            "gold calls where the run warm-started on demo-sft")
+    parser.add_argument("--eval_data", help="where the four models are compared (default: the run's --eval_data); "
+                                            "none: train and save the control only, to score it with eval.py")
     args = parser.parse_args(argv)
     run = Path(args.run)
     config_path, metrics_path = run / "train_config.json", run / "metrics.jsonl"
@@ -54,6 +57,8 @@ def main(argv=None):
     name, warm_data = "sft-control", cfg.sft_data
     if args.sft_data and args.sft_data != cfg.sft_data:
         name, cfg = f"sft-control-{Path(args.sft_data).stem}", replace(cfg, sft_data=args.sft_data)
+    if args.eval_data:
+        cfg = replace(cfg, eval_data=args.eval_data)
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
     rows = read_jsonl(metrics_path)

@@ -22,6 +22,17 @@ ROLES = ("system", "user", "assistant")
 PLACEHOLDER_THOUGHT = "<think> I should use the appropriate tool with proper parameters to respond to the user's need. </think>"
 
 
+def with_placeholder_thought(text: str) -> str:
+    """`text` with its `<think>...</think>` replaced by ToolRL's placeholder thought (its calls and response
+    kept): the RL data's own short format. The SFT file's distilled thoughts (median ~390 tokens of answer)
+    are too long for a small model to imitate without looping inside them."""
+    head, opened, rest = text.partition("<think>")
+    thought, closed, tail = rest.partition("</think>")
+    if not (opened and closed):
+        return text
+    return head + PLACEHOLDER_THOUGHT + tail
+
+
 @dataclass
 class Example:
     """One prompt and its target.

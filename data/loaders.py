@@ -13,10 +13,12 @@ run's warm-start data, as "toolrl-sft" is the paper's).
 
 Splits. `split=None` returns every row of the source, in file order. `split="train"/"test"`
 (and "validation" for the demo) applies the source's own split, which exists for two kinds of source only:
-- a ToolRL raw JSON file (including `"toolrl"`, but not `"toolrl-sft"`, which is one split): the
-  split of ToolRL's preprocessing script, `np.random.seed(31415); np.random.shuffle(rows)`, then
-  the last `int(0.02 * N)` rows are test and the rest train (4,000 -> 3,920 / 80). Shuffling
-  happens before any row is checked, so a bad row never moves the others between splits.
+- a ToolRL raw JSON file (`"toolrl"`, `"toolrl-sft"`, or a path): the split of ToolRL's preprocessing
+  script, `np.random.seed(31415); np.random.shuffle(rows)`, then the last `int(0.02 * N)` rows are test
+  and the rest train (4,000 -> 3,920 / 80). Shuffling happens before any row is checked, so a bad row
+  never moves the others between splits. For choosing a recipe without looking at test, the train rows
+  are cut once more: "validation" is the last tenth of them (in the same shuffled order) and "fit" the
+  rest, so train = fit + validation (toolrl-sft's 400 rows: 353 fit, 39 validation, 8 test).
 - `"demo"`: the built-in train/validation/test split (data/demo.py).
 Parquet, API-Bank and JSONL files are already one split each; asking them for a split is an error.
 """
@@ -41,7 +43,8 @@ from data.formats import (BadRow, Example, chat, check_ground_truth, from_apiban
 
 TOOLRL_SPLIT_SEED = 31415
 TOOLRL_TEST_FRACTION = 0.02
-SPLITS = ("train", "test")
+VALIDATION_FRACTION = 0.1      # of the train rows: a ToolRL raw file's "validation"; the rest is "fit"
+SPLITS = ("train", "test", "fit", "validation")
 DEMO_SPLITS = ("train", "validation", "test")
 
 
@@ -66,11 +69,11 @@ def load_examples(source: str, split: str | None = None, skip_bad_rows: bool = F
             raise ValueError(f"'demo-sft' is one split (the demo's train prompts); pass split=None, not {split!r}")
         return [demo_example(f"demo-sft-{i}", row, row["ground_truth"]) for i, row in enumerate(teacher_rows())]
     if split is not None and split not in SPLITS:
-        raise ValueError(f"split must be None, 'train' or 'test', got {split!r}")
+        raise ValueError(f"split must be None or one of {', '.join(SPLITS)}; got {split!r}")
     if source in DATASETS:
-        if split is not None and source != "toolrl":
-            raise ValueError(f"'{source}' is one split; pass split=None (splits apply to 'toolrl', 'demo' "
-                             "and ToolRL raw JSON files)")
+        if split is not None and source not in ("toolrl", "toolrl-sft"):
+            raise ValueError(f"'{source}' is one split; pass split=None (splits apply to 'toolrl', 'toolrl-sft', "
+                             "'demo' and ToolRL raw JSON files)")
         return [example for path in download(source) for example in load_file(path, split, skip_bad_rows)]
     return load_file(existing_file(source), split, skip_bad_rows)
 
@@ -89,7 +92,7 @@ def load_file(path: Path, split: str | None, skip_bad_rows: bool) -> list[Exampl
 
 
 def toolrl_split_indices(num_rows: int, split: str) -> list[int]:
-    """Row indices of ToolRL's train or test split, in shuffled order.
+    """Row indices of ToolRL's train or test split (or of train's fit and validation parts), in shuffled order.
 
     Same permutation as ToolRL's `np.random.seed(31415); np.random.shuffle(rows)`: the legacy
     RandomState draws the same swaps for a list of rows as for an index array. A private
@@ -98,8 +101,10 @@ def toolrl_split_indices(num_rows: int, split: str) -> list[int]:
     order = np.arange(num_rows)
     np.random.RandomState(TOOLRL_SPLIT_SEED).shuffle(order)
     num_test = int(TOOLRL_TEST_FRACTION * num_rows)
-    chosen = order[num_rows - num_test:] if split == "test" else order[:num_rows - num_test]
-    return chosen.tolist()
+    train, test = order[:num_rows - num_test], order[num_rows - num_test:]
+    num_validation = int(VALIDATION_FRACTION * len(train))
+    return {"train": train, "test": test, "fit": train[:len(train) - num_validation],
+            "validation": train[len(train) - num_validation:]}[split].tolist()
 
 
 def convert_rows(path: Path, layout: str, indexed: list[tuple[int, object]], places: list[str],

@@ -21,12 +21,15 @@ fail = partial(cli.fail, "train.py")   # one line on stderr, exit code 2
 
 @dataclass
 class Config:
-    """GRPO for tool calling. Defaults are ToolRL's recipe; `--model tiny` applies TINY_PRESET first."""
+    """GRPO for tool calling. Defaults are ToolRL's recipe; `--model tiny` applies TINY_PRESET first, and
+    `--model SmolLM2-135M-Instruct` without a GPU SMOLLM2_CPU_PRESET."""
     # model and data
     model: str = field("tiny", "HF model dir, hub id, bare name (Qwen2.5-1.5B-Instruct), or 'tiny' (built locally)")
     data: str = field("auto", "'toolrl', 'demo', or a data file; 'auto' = demo for --model tiny, else toolrl")
-    data_split: str | None = field(None, "train/test split of --data (toolrl, demo, ToolRL raw JSON); "
-                                         "default: train for toolrl and demo, the whole file otherwise")
+    data_split: str | None = field(None, "split of --data: train or test (toolrl, toolrl-sft, demo, a ToolRL raw "
+                                         "JSON file), fit or validation (train's two parts: choose a recipe on "
+                                         "validation, never test; data/loaders.py), validation (demo); default: "
+                                         "train for toolrl and demo, the whole file otherwise")
     output_dir: str = field("runs/grpo", "where metrics, samples and checkpoints go")
     seed: int = field(42, "seed for the prompt order and sampling")
     resume: str | None = field(None, "output dir or checkpoint to continue from (newest usable checkpoint); "
@@ -120,6 +123,9 @@ class Config:
     sft_batch_size: int = field(16, "examples per supervised step")
     sft_packing: bool = field(True, "warm start on packed rows (grpo/packing.py): whole sequences end to end, no "
                                     "compute on padding (same result); false: one left/right-padded batch per step")
+    sft_placeholder_thought: bool = field(False, "warm start on targets whose <think>...</think> is ToolRL's short "
+                                                 "placeholder thought (the RL data's format), calls kept: the SFT "
+                                                 "file's long thoughts make a small model loop inside them")
     sft_learning_rate: float = field(1e-5, "learning rate of the supervised warm start")
     sft_lr_scheduler_type: str = field("constant", "warm start's learning-rate schedule after its warm-up",
                                        choices=["constant", "linear", "cosine"])
@@ -132,8 +138,9 @@ class Config:
                            choices=TRACKERS)
     # held-out evaluation at the end (eval.py's code: greedy decoding, the toolrl metrics)
     eval_data: str = field("auto", "held-out set on which the start, warm-start and final models are compared at "
-                                   "the end: 'demo' (its test split), 'toolrl' (its test split), a ToolRL-format "
-                                   "file, or 'none'; 'auto' = the test split of --data when it has one")
+                                   "the end: 'demo' (its test split), 'toolrl' (its test split), 'validation' (that "
+                                   "split of --data: for choosing a recipe), a ToolRL-format file, or 'none'; "
+                                   "'auto' = the test split of --data when it has one")
     eval_every: int = field(10, "also evaluate the policy in memory on --eval_data every N GRPO steps and at the last "
                                 "(eval/... metrics, time/eval); 0 = only the end-of-run comparison")
     eval_limit: int = field(0, "first N rows of --eval_data, during training and at the end; 0 = all")
@@ -151,6 +158,30 @@ TINY_PRESET = dict(
 )
 
 
+# `--model SmolLM2-135M-Instruct` on a machine without CUDA: a real pretrained model on 2 CPU cores in about an hour
+# (docs/REAL_MODEL.md). Raw, it never writes the format (every sample -3, nothing for GRPO to learn from), so a
+# supervised warm start on ToolRL's SFT file, with the RL data's short placeholder thought, comes first; then GRPO
+# on the same file's prompts. Both use its "fit" part: "validation" is for choosing this recipe, test for the table.
+SMOLLM2_CPU_PRESET = dict(
+    data="toolrl-sft", data_split="fit", sft_data="toolrl-sft", sft_placeholder_thought=True, eval_data="toolrl",
+    prompts_per_step=4, num_generations=4, max_prompt_length=2048, max_new_tokens=160, temperature=1.0,
+    max_steps=20, steps_per_generation=1, micro_batch_size=8, learning_rate=1e-5, beta=0.0, entropy_coef=0.0,
+    gradient_checkpointing=False, bf16="true", sft_steps=48, sft_batch_size=4, sft_learning_rate=1e-4,
+    sft_lr_scheduler_type="linear", save_every=5, eval_every=0, log_samples_every=5, cpu_threads=2,
+)
+SMOLLM2_NAMES = ("SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct")
+
+
+def preset(model: str) -> dict:
+    """The preset `--model` brings (fields given on the command line win): the tiny one, SmolLM2's on a CPU, or none."""
+    import torch
+    if model == "tiny":
+        return TINY_PRESET
+    if model in SMOLLM2_NAMES and not torch.cuda.is_available():
+        return SMOLLM2_CPU_PRESET
+    return {}
+
+
 # The fields a --resume may change freely: where files go, how often to save, log and evaluate, and memory or
 # speed knobs that leave the math as it was (--fsdp too: any number of ranks, sharded or not, resumes any
 # checkpoint). Any other difference from the checkpoint's config changes the run's course, and needs
@@ -163,9 +194,18 @@ NOT_IN_CONFIG_FILE = ("resume", "overwrite_output_dir", "allow_config_change")  
 
 
 def help_defaults() -> dict[str, str]:
-    """--help shows what a bare `python train.py` uses (the tiny preset) beside the paper's recipe."""
-    return {name: f"default: {value} (the tiny preset); paper's recipe: {getattr(Config, name)}"
-            for name, value in TINY_PRESET.items()}
+    """--help shows what a bare `python train.py` uses (the tiny preset) and SmolLM2's CPU preset beside the
+    paper's recipe."""
+    shown = {}
+    for name in {**TINY_PRESET, **SMOLLM2_CPU_PRESET}:
+        parts = [f"default: {TINY_PRESET[name]} (the tiny preset)" if name in TINY_PRESET else
+                 f"default: {getattr(Config, name)}"]
+        if name in SMOLLM2_CPU_PRESET:
+            parts.append(f"SmolLM2-135M-Instruct on a CPU: {SMOLLM2_CPU_PRESET[name]}")
+        if name in TINY_PRESET:
+            parts.append(f"paper's recipe: {getattr(Config, name)}")
+        shown[name] = "; ".join(parts)
+    return shown
 
 
 def configure(argv=None) -> Config:
@@ -173,10 +213,10 @@ def configure(argv=None) -> Config:
     model is loaded: a bad value stops with one line naming its flag (exit code 2)."""
     cfg, given = parse_config(Config, argv, help_defaults(), config_file=True, ignored_in_file=NOT_IN_CONFIG_FILE,
                               prog="train.py")
-    if cfg.model == "tiny":
-        cfg = replace(cfg, **{k: v for k, v in TINY_PRESET.items() if k not in given})
-        if "sft_data" not in given and cfg.data not in ("auto", "demo"):
-            cfg = replace(cfg, sft_data=cfg.data)          # `--model tiny --data FILE`: warm-start on FILE too
+    if values := preset(cfg.model):
+        cfg = replace(cfg, **{k: v for k, v in values.items() if k not in given})
+        if "sft_data" not in given and cfg.data not in ("auto", values["data"]):
+            cfg = replace(cfg, sft_data=cfg.data)          # `--data FILE`: warm-start on (the same split of) FILE too
     if cfg.data == "auto":
         cfg = replace(cfg, data="demo" if cfg.model == "tiny" else "toolrl")
     if cfg.data == "demo-sft":
@@ -188,6 +228,9 @@ def configure(argv=None) -> Config:
         fail(f"--data_split {cfg.data_split}: --data {cfg.data} has the splits {', '.join(splits)}")
     if cfg.eval_data == "auto":
         cfg = replace(cfg, eval_data=cfg.data if cfg.data in ("toolrl", "demo") else "none")
+    if cfg.eval_data == "validation" and cfg.data_split != ("train" if cfg.data == "demo" else "fit"):
+        fail(f"--eval_data validation: train on the rest of --data {cfg.data} (--data_split "
+             f"{'train' if cfg.data == 'demo' else 'fit'}), not --data_split {cfg.data_split}, which holds it")
     if cfg.eval_data == "none" and cfg.eval_every > 0:  # (a negative value is refused below)
         if "eval_every" in given:
             fail(f"--eval_every {cfg.eval_every} needs a held-out set: --eval_data is none")

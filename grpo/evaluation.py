@@ -310,9 +310,13 @@ def tables(summary: dict, benchmarks: list[str]) -> list[list[list[str]]]:
 def heldout_config(cfg, device: str, models=(), output_dir: Path | str = "", bf16: bool = False) -> EvalConfig:
     """The EvalConfig of train.py's --eval_data (cfg: its Config): the demo or toolrl benchmark (a file is scored
     as toolrl), with the run's generation and prompt lengths, --eval_limit and precision."""
-    return EvalConfig(model=list(models), benchmarks="demo" if cfg.eval_data == "demo" else "toolrl",
-                      output_dir=str(output_dir), limit=cfg.eval_limit,
-                      toolrl_data="" if cfg.eval_data in ("demo", "toolrl") else cfg.eval_data,
+    # 'validation' (that split of --data, which run.load_data reads) is scored as its benchmark's test split is
+    validation = cfg.eval_data == "validation"
+    demo = cfg.eval_data == "demo" or validation and cfg.data == "demo"
+    return EvalConfig(model=list(models), benchmarks="demo" if demo else "toolrl",
+                      demo_split="validation" if validation else "test", output_dir=str(output_dir),
+                      limit=cfg.eval_limit,
+                      toolrl_data="" if cfg.eval_data in ("demo", "toolrl", "validation") else cfg.eval_data,
                       max_new_tokens=cfg.max_new_tokens, max_prompt_tokens=cfg.max_prompt_length, device=device,
                       bf16="true" if bf16 else "false", trust_remote_code=cfg.trust_remote_code,
                       skip_bad_rows=cfg.skip_bad_rows)

@@ -4,11 +4,13 @@ loop. Every decision is made before anything is written, and a mistake stops wit
 import json
 import shlex
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from data import DownloadError, load_examples
+from data.formats import with_placeholder_thought
 from grpo import checkpoint as ckpt
 from grpo import dist
 from grpo.cli import FALSE_WORDS, TRUE_WORDS, config_json
@@ -46,8 +48,12 @@ def load_data(cfg: Config) -> tuple[list, list | None, list | None]:
         else:
             sft_examples = load("sft_data", cfg.sft_data,
                                 rows(cfg.sft_data, "train" if cfg.sft_data in ("toolrl", "demo") else None))
+        if cfg.sft_placeholder_thought:
+            sft_examples = [replace(e, ground_truth=with_placeholder_thought(e.ground_truth)) for e in sft_examples]
     eval_items = None
-    if cfg.eval_data != "none":                     # eval.py's own loader (toolrl: downloaded now)
+    if cfg.eval_data == "validation":               # for choosing a recipe: never the test split
+        eval_items = load("eval_data", "validation", rows(cfg.data, "validation"))[:cfg.eval_limit or None]
+    elif cfg.eval_data != "none":                   # eval.py's own loader (toolrl: downloaded now)
         config = heldout_config(cfg, device="cpu")
         eval_items = load("eval_data", cfg.eval_data, lambda: BENCHMARKS[config.benchmarks].load(config))
     return examples, sft_examples, eval_items

@@ -9,7 +9,7 @@ import pytest
 from data import Example, build_prompts, load_examples
 from data import demo
 from data.demo import NUM_TEST, NUM_TRAIN, NUM_VALIDATION, demo_rows
-from data.formats import ground_truth_calls
+from data.formats import PLACEHOLDER_THOUGHT, ground_truth_calls, with_placeholder_thought
 from data.loaders import toolrl_split_indices
 
 CALL = '{"name": "get_weather", "parameters": {"city": "Lima"}}'
@@ -118,6 +118,25 @@ def test_toolrl_split_sizes_of_the_paper():
     assert sorted(train + test) == list(range(4000))
 
 
+def test_fit_and_validation_cut_train_and_leave_test_alone():
+    for n in (400, 4000):
+        parts = {split: toolrl_split_indices(n, split) for split in ("train", "test", "fit", "validation")}
+        assert parts["fit"] + parts["validation"] == parts["train"]           # train = fit + validation, in order
+        assert len(parts["validation"]) == int(0.1 * len(parts["train"]))
+        assert not set(parts["validation"]) & set(parts["test"])
+    assert [len(toolrl_split_indices(400, s)) for s in ("fit", "validation", "test")] == [353, 39, 8]
+
+
+def test_placeholder_thought_keeps_the_calls(shared_data):
+    rows = json.loads((shared_data / "toolrl" / "rlla_sft.json").read_text())
+    for row in rows:
+        short = with_placeholder_thought(row["output"])
+        assert short.startswith(PLACEHOLDER_THOUGHT)
+        assert short.split("</think>", 1)[1] == row["output"].split("</think>", 1)[1]
+        assert ground_truth_calls(short) == ground_truth_calls(row["output"])
+    assert with_placeholder_thought("<response> hi </response>") == "<response> hi </response>"   # no thought
+
+
 def test_split_only_where_the_source_has_one(tmp_path):
     path = tmp_path / "mine.jsonl"
     path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}], "ground_truth": GOOD_OUTPUT}))
@@ -125,7 +144,9 @@ def test_split_only_where_the_source_has_one(tmp_path):
         load_examples(str(path), split="train")
     with pytest.raises(ValueError, match="the demo set's splits are train, validation, test"):
         load_examples("demo", split="valid")
-    with pytest.raises(ValueError, match="split must be None, 'train' or 'test'"):
+    with pytest.raises(ValueError, match="split must be None or one of train, test, fit, validation"):
+        load_examples(str(path), split="valid")
+    with pytest.raises(ValueError, match="holds one split already"):
         load_examples(str(path), split="validation")
 
 

@@ -182,8 +182,10 @@ def test_help_shows_the_tiny_preset_beside_the_papers_recipe(capsys):
         train.configure(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert e.value.code == 0
-    assert "(default: 16 (the tiny preset); paper's recipe: 512)" in text       # --prompts_per_step
-    assert "(default: 0.0002 (the tiny preset); paper's recipe: 1e-06)" in text  # --learning_rate
+    assert "(default: 16 (the tiny preset); SmolLM2-135M-Instruct on a CPU: 4; paper's recipe: 512)" in text
+    assert ("(default: 0.0002 (the tiny preset); SmolLM2-135M-Instruct on a CPU: 1e-05; paper's recipe: 1e-06)"
+            in text)                                                              # --learning_rate
+    assert "(default: False; SmolLM2-135M-Instruct on a CPU: True)" in text       # --sft_placeholder_thought
 
 
 def nan_reward(completion, ground_truth, step, config):

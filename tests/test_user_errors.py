@@ -13,7 +13,7 @@ import train
 from grpo import evaluation
 from grpo import run
 from grpo.cli import parse_config
-from grpo.config import TINY_PRESET
+from grpo.config import SMOLLM2_CPU_PRESET, TINY_PRESET
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,6 +94,8 @@ def test_a_bad_data_file(tmp_path, capsys, case):
     (["--top_entropy_quantile", "2"], "--top_entropy_quantile must be in [0, 1], got 2.0"),
     (["--reward_weights", "1,x"], "--reward_weights '1,x': 'x' is not a number"),
     (["--loss_type", "mean"], "argument --loss_type: invalid choice: 'mean'"),
+    (["--eval_data", "validation", "--data_split", "validation"],
+     "--eval_data validation: train on the rest of --data demo (--data_split train), not --data_split validation"),
 ])
 def test_a_bad_flag(tmp_path, capsys, args, words):
     file = data_file(tmp_path, "rows.jsonl", b"".join(
@@ -175,3 +177,17 @@ def test_as_a_process_one_line_and_no_traceback(tmp_path, args):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_smollm2_on_a_cpu_brings_its_preset(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("grpo.config.resolve_model_name", lambda name: str(tmp_path))   # no model needed to check
+    cfg = train.configure(["--model", "SmolLM2-135M-Instruct", "--sft_steps", "3"])
+    assert (cfg.sft_steps, cfg.data, cfg.data_split, cfg.sft_data) == (3, "toolrl-sft", "fit", "toolrl-sft")
+    assert cfg.max_new_tokens == SMOLLM2_CPU_PRESET["max_new_tokens"] and cfg.sft_placeholder_thought
+    cfg = train.configure(["--model", "SmolLM2-135M-Instruct", "--data", "my/rlla_sft.json"])
+    assert cfg.sft_data == "my/rlla_sft.json"                 # offline copy: warm start on its fit part too
+    line = one_line_error(capsys, lambda: train.configure(["--model", "SmolLM2-135M-Instruct", "--eval_data",
+                                                           "validation", "--data_split", "train"]))
+    assert "--eval_data validation: train on the rest of --data toolrl-sft (--data_split fit)" in line
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)                # on a GPU: the paper's recipe
+    assert train.configure(["--model", "SmolLM2-135M-Instruct"]).max_steps == 105
