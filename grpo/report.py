@@ -133,7 +133,7 @@ def plot_rewards(out: Path, heldout: dict[str, float] | None = None) -> Path | N
             during.plot([r["step"] for r in evals], [100 * r[key] for r in evals], marker="o", label=key)
         during.set_ylim(0, 105)
         during.set_xlabel("GRPO step")
-        during.set_ylabel("held-out test split, greedy (%)")
+        during.set_ylabel("held-out set (--eval_data), greedy (%)")
         during.legend(fontsize=8)
         during.grid(alpha=0.3)
     if heldout:
@@ -143,7 +143,7 @@ def plot_rewards(out: Path, heldout: dict[str, float] | None = None) -> Path | N
         for i, v in enumerate(values):
             bars.text(i, v + 1, f"{v:.0f}%", ha="center")
         bars.set_ylim(0, 105)
-        bars.set_ylabel("exact match, held-out test split (%)")
+        bars.set_ylabel("exact match, held-out set (--eval_data) (%)")
         bars.set_title("greedy, prompts never trained on", fontsize=9)
         bars.tick_params(axis="x", labelsize=8)
     path = out / "reward_curves.png"
