@@ -243,7 +243,8 @@ DATASETS = {
     "toolrl-sft": Dataset(
         (RemoteFile("dataset/rlla_4k_raw/rlla_sft.json", "sha256",
                     "ef42a7b1574f1552d6cc7bf9f060a6425458ff67bae2baf53e945dc640dc125c"),),
-        "pass a local copy with train.py --sft_data PATH"),
+        "pass a local copy with train.py --sft_data PATH (or --data PATH, which --model SmolLM2-135M-Instruct "
+        "on a CPU warm-starts on too)"),
     "apibank": Dataset(
         tuple(RemoteFile(f"benchmarks/API-Bank/level-{level}-api_processed.json", "sha256", digest)
               for level, digest in [(1, "51ebc8209ba467ce4cc1854d23b2cfd89759f3c45ff2aaf90de4f003162ea98f"),

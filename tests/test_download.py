@@ -143,7 +143,8 @@ def test_unreachable_source_fails_at_once_in_one_line(tmp_path, monkeypatch):
     assert time.monotonic() - start < 5
     message = str(e.value)
     assert message.startswith(f"could not download rlla_sft.json from http://127.0.0.1:{port}/{SFT} (")
-    assert message.endswith("; pass a local copy with train.py --sft_data PATH") and "\n" not in message
+    assert message.endswith("; pass a local copy with train.py --sft_data PATH (or --data PATH, which --model "
+                            "SmolLM2-135M-Instruct on a CPU warm-starts on too)") and "\n" not in message
     assert isinstance(e.value, SystemExit)  # train.py and eval.py stop with this line, no traceback
     assert cached_files(tmp_path) == []
 
