@@ -159,7 +159,7 @@ TINY_PRESET = dict(
 
 
 # `--model SmolLM2-135M-Instruct` on a machine without CUDA: a real pretrained model on 2 CPU cores in about an hour
-# (docs/REAL_MODEL.md). Raw, it never writes the format (every sample -3, nothing for GRPO to learn from), so a
+# (docs/REAL_MODEL.md). Raw, it never writes the format (no group has any variance: nothing for GRPO), so a
 # supervised warm start on ToolRL's SFT file, with the RL data's short placeholder thought, comes first; then GRPO
 # on the same file's prompts. Both use its "fit" part: "validation" is for choosing this recipe, test for the table.
 SMOLLM2_CPU_PRESET = dict(
