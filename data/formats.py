@@ -27,7 +27,7 @@ def with_placeholder_thought(text: str) -> str:
     kept): the RL data's own short format. The SFT file's distilled thoughts (median ~390 tokens of answer)
     are too long for a small model to imitate without looping inside them."""
     head, opened, rest = text.partition("<think>")
-    thought, closed, tail = rest.partition("</think>")
+    _, closed, tail = rest.partition("</think>")
     if not (opened and closed):
         return text
     return head + PLACEHOLDER_THOUGHT + tail
