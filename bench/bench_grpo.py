@@ -270,7 +270,7 @@ def run_ours(bc: Bench, device: str) -> dict:
         peft_model = add_adapters(model, bc.lora_r, 2.0 * bc.lora_r, TARGETS, base=bc.config)
     model.train()
     # the "full" baseline replaces CompletionLogprobs.forward, which a shared-prompt module does not call
-    policy = logprobs_module(model, bc.logprob_chunk_size, bc.shared_prompt and bc.logprobs != "full")
+    policy = logprobs_module(model, bc.logprob_chunk_size, shares_prompt(bc))
     ref_policy = None
     bf16 = use_bf16(bc.bf16, device)
     if bc.beta > 0 and peft_model is not None:   # train.py: the same weights with the adapters off
@@ -469,6 +469,12 @@ def median_over_steps(steps: list[dict], key: str) -> dict:
     return {k: statistics.median(s[key][k] for s in steps) for k in steps[0][key]}
 
 
+def shares_prompt(bc: Bench) -> bool:
+    """Whether the update and log-prob passes run each group's prompt once: --shared_prompt, except under
+    --logprobs full (the A/B baseline, which runs every row whole)."""
+    return bc.shared_prompt and bc.logprobs != "full"
+
+
 def floor_terms(bc: Bench, P: list[int], T: list[int], update_rows: list[bool], peak: float, bandwidth: float,
                 gen_bytes: int) -> dict:
     """The physical floor of one step (each phase's bytes over bandwidth or FLOPs over peak), for rows with prompt lengths P and
@@ -488,7 +494,7 @@ def floor_terms(bc: Bench, P: list[int], T: list[int], update_rows: list[bool], 
     G = bc.num_generations
 
     def prompt_tokens(rows: list[bool]) -> int:             # prompt positions a pass over `rows` computes
-        if not bc.shared_prompt:
+        if not shares_prompt(bc):
             return sum(p for p, r in zip(P, rows) if r)
         return sum(P[i] for i in range(0, len(P), G) if any(rows[i:i + G]))
 
@@ -512,7 +518,7 @@ def memory_plan(bc: Bench, P: list[int], T: list[int], device: str) -> dict:
                 micro_batch_size=bc.micro_batch_size, generation_batch_size=bc.generation_batch_size,
                 logprob_chunk_size=bc.logprob_chunk_size, beta=bc.beta, gradient_checkpointing=bc.gradient_checkpointing,
                 bf16=use_bf16(bc.bf16, device), old_logprobs=False, lora_r=bc.lora_r,
-                segment=bc.segment_tokens or None, shared_prompt=bc.shared_prompt and bc.logprobs != "full")
+                segment=bc.segment_tokens or None, shared_prompt=shares_prompt(bc))
 
 
 def print_floor(f: dict) -> None:
