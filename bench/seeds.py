@@ -39,8 +39,8 @@ def one_run(out: Path, seed: int, threads: int, extra: list[str]) -> dict:
     test = json.loads((run / "eval" / "summary.json").read_text())["results"]
     warm, final = str(run / "sft-init"), str(list_checkpoints(run)[0])
     cfg = saved_config(json.loads((run / "train_config.json").read_text()))   # the run's own lengths, precision
-    config = replace(heldout_config(cfg, "cpu", [warm, final], run / "eval-validation", use_bf16(cfg.bf16, "cpu")),
-                     demo_split="validation")
+    config = heldout_config(replace(cfg, eval_data="validation"), "cpu", [warm, final], run / "eval-validation",
+                            use_bf16(cfg.bf16, "cpu"))
     val = evaluate(config)
     row = {"seed": seed, "threads": threads, "warm_test": 100 * test[warm]["demo"]["exact_match"],
            "final_test": 100 * test[final]["demo"]["exact_match"], "warm_val": 100 * val[warm]["demo"]["exact_match"],

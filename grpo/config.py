@@ -228,9 +228,10 @@ def configure(argv=None) -> Config:
         fail(f"--data_split {cfg.data_split}: --data {cfg.data} has the splits {', '.join(splits)}")
     if cfg.eval_data == "auto":
         cfg = replace(cfg, eval_data=cfg.data if cfg.data in ("toolrl", "demo") else "none")
-    if cfg.eval_data == "validation" and cfg.data_split != ("train" if cfg.data == "demo" else "fit"):
-        fail(f"--eval_data validation: train on the rest of --data {cfg.data} (--data_split "
-             f"{'train' if cfg.data == 'demo' else 'fit'}), not --data_split {cfg.data_split}, which holds it")
+    rest = "train" if cfg.data == "demo" else "fit"           # --data's split that leaves its validation rows out
+    if cfg.eval_data == "validation" and cfg.data_split != rest:
+        fail(f"--eval_data validation: train on the rest of --data {cfg.data} (--data_split {rest}), not "
+             f"--data_split {cfg.data_split}, which holds it")
     if cfg.eval_data == "none" and cfg.eval_every > 0:  # (a negative value is refused below)
         if "eval_every" in given:
             fail(f"--eval_every {cfg.eval_every} needs a held-out set: --eval_data is none")
