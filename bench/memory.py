@@ -81,8 +81,9 @@ def plan(c: Qwen2Config, P: list[int], T: list[int], *, num_generations: int, mi
                  A micro-batch's tokens: mb (P + T) rows of [prompt | completion]; with --shared_prompt each of its
                  groups' prompts once, k P + mb T (k groups: mb / G rounded up, one more where a group is cut)
     prompt_kv    --shared_prompt only: the k prompts' keys and values of every layer, held while the completions
-                 run, and one layer's copy repeated to the mb rows (every layer's when not checkpointing; the
-                 gradient-free log-prob passes hold one layer's copy, so there it is an overestimate)
+                 run, one layer's copy joined to its completions' own (every layer's when not checkpointing; the
+                 gradient-free log-prob passes hold one layer's copy, so there it is an overestimate), and the
+                 completion pass's boolean mask, (k, S, P + S) for its k rows of S = mb T / k completion tokens
     forward_layer  a forward without gradients holds one layer's activations at a time: half of `layer`
     lm_head      one chunk of completion tokens' logits: (m, V) at a bytes, then three float32 (m, V) temporaries
     adamw_step   torch's foreach AdamW: one float32 temporary the size of the trainable parameters
@@ -113,7 +114,9 @@ def plan(c: Qwen2Config, P: list[int], T: list[int], *, num_generations: int, mi
     chunk = min(logprob_chunk_size, mb * max(T))
     layer = 2 * (4 * I + 10 * H) * a * tokens                            # one layer, activations + gradients
     kv_bytes = s["kv_elements"] // 2 * (4 + a)                           # K float32 (rotary), V at a, every layer
-    prompt_kv = kv_bytes * max(P) * (groups + mb * (1 if gradient_checkpointing else layers) / layers)
+    S = -(-mb // groups) * max(T)                                        # completion tokens of one packed row
+    prompt_kv = (kv_bytes * max(P) * groups * (1 + (1 if gradient_checkpointing else layers) / layers)
+                 + groups * S * (max(P) + S))
     terms = dict(baseline=baseline_gb * 1e9, state=4 * n + 8 * n_t, grads=4 * n_t, casts=2 * n if bf16 else 0,
                  reference=(2 if bf16 else 4) * n if beta > 0 and not lora_r else 0,
                  kv_cache=kv_bytes * live * (max(P) + max(T) + (segment or SEGMENT_TOKENS)),

@@ -80,7 +80,6 @@ def check_update(model, cfg: Check) -> None:
     ids, attn, comp = update_batch(model.config.vocab_size)
     N, T = comp.shape
     P = ids.shape[1] - T
-    positions = {"padded": N * (P + T), "shared": len(PROMPTS) * P + N * (T - 1)}
     paths = {"padded": CompletionLogprobs(model), "shared": SharedPromptLogprobs(model)}
 
     def step(policy):
@@ -88,6 +87,7 @@ def check_update(model, cfg: Check) -> None:
         (logp.sum() + 0.01 * entropy.sum()).backward()
 
     times = fastest(model, {name: lambda p=p: step(p) for name, p in paths.items()}, cfg.repeats)
+    positions = {name: p.computed_positions for name, p in paths.items()}     # what each decoder pass ran
     print(f"update ({N} rows, P={P}, T={T}, checkpointing {cfg.checkpointing}): real tokens "
           f"{int(attn.sum())}")
     for name in paths:

@@ -102,6 +102,7 @@ class CompletionLogprobs(nn.Module):
         out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                     position_ids=position_ids_from_mask(attention_mask), use_cache=False)
         hidden = out.last_hidden_state[:, -T - 1:-1]                         # (N, T, H): state before each token
+        self.computed_positions = input_ids.numel()                          # what the decoder ran (a metric)
         return head_logprobs(hidden, input_ids[:, -T:], completion_mask, self.model.get_output_embeddings().weight,
                              self.chunk_size, temperature)
 

@@ -18,7 +18,7 @@ from grpo import dist
 from grpo.logprobs import CompletionLogprobs
 from grpo.loss import StepCounts, aggregate_loss, grpo_token_loss, high_entropy_mask, loss_mask, masked_sum
 from grpo.rollout import Rollout
-from grpo.shared_prefix import SharedPromptLogprobs, positions
+from grpo.shared_prefix import real_positions
 
 
 def lr_factor(kind: str, warmup_steps: int, total_steps: int, step: int) -> float:
@@ -91,10 +91,8 @@ def _policy_update(policy, optimizer, rollout: Rollout, advantages, old_logp, re
             # One optimizer step per rollout: on-policy, so old = current (ratio 1, clipping inactive).
             old = logp.detach() if cfg.steps_per_generation == 1 else old_logp[micro, :t]
             ref = ref_logp[micro, :t] if ref_logp is not None else None
-            computed, real = positions(mb.input_ids, mb.attention_mask, mb.completion_mask,
-                                       isinstance(getattr(policy, "module", policy), SharedPromptLogprobs))  # DDP: .module
-            totals["positions_computed"] += computed
-            totals["positions_real"] += real
+            totals["positions_computed"] += getattr(policy, "module", policy).computed_positions        # DDP: .module
+            totals["positions_real"] += real_positions(mb.input_ids, mb.attention_mask, mb.completion_mask)
             token_loss, parts = grpo_token_loss(logp, old, advantages[micro], cfg.epsilon, cfg.epsilon_high, ref,
                                                 cfg.beta, entropy, cfg.entropy_coef, mask, cfg.importance_sampling_level,
                                                 high_entropy_mask(entropy, mask, cfg.top_entropy_quantile))

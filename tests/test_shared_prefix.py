@@ -16,7 +16,8 @@ from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCa
 from grpo import dist
 from grpo.logprobs import CompletionLogprobs
 from grpo.model import set_checkpointing
-from grpo.shared_prefix import SharedPromptLogprobs, split_prompts, supports_shared_prefix
+from grpo.shared_prefix import (SharedPromptLogprobs, completion_rows, real_positions, split_prompts,
+                                supports_shared_prefix)
 from grpo.tiny import build_model
 
 torch.set_num_threads(1)
@@ -88,6 +89,20 @@ def test_split_prompts_finds_groups_of_consecutive_rows():
     assert counts.tolist() == [2, 1, 1, 2]
     assert prompt_ids.tolist() == [[5, 6], [7, 8], [5, 6], [9, 9]]
     assert prompt_mask.tolist() == [[1, 1], [1, 1], [0, 1], [1, 1]]
+
+
+def test_completion_rows_lay_a_groups_completions_end_to_end():
+    """Group 0: completions of 3 and 1 tokens after a 5-token prompt; group 1: one of 2 tokens after 4. Each
+    completion's tokens but its last are inputs, at positions continuing its prompt, with no padding between them;
+    the state before token 0 is the prompt's last (index k), before token j the row's input j - 1."""
+    ids = torch.tensor([[11, 12, 13], [21, 0, 0], [31, 32, 0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0]]).bool()
+    rows, positions, segment, index = completion_rows(ids, mask, torch.tensor([2, 1]), torch.tensor([5, 4]))
+    assert rows.tolist() == [[11, 12], [31, 0]]
+    assert positions.tolist() == [[5, 6], [4, 0]]
+    assert segment.tolist() == [[0, 0], [2, -1]]
+    # flat states: [prompt 0 last, prompt 1 last, row 0 (2 states), row 1 (2 states)]
+    assert index.tolist() == [[0, 2, 3], [0, 0, 0], [1, 4, 0]]
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -264,3 +279,13 @@ def test_the_update_takes_the_same_step_with_the_prompt_shared(tiny_tokenizer):
         ratios.append(stats["positions_ratio"])
     torch.testing.assert_close(weights[1], weights[0], rtol=1e-5, atol=1e-6)
     assert ratios[1] < ratios[0]
+
+
+def test_one_group_per_micro_batch_computes_no_padding():
+    """A micro-batch that is one group with an unpadded prompt: the prompt once, each completion's tokens but its
+    last, nothing else (positions_ratio 1), however different the completions' lengths."""
+    ids, attn, comp = group_batch(VOCAB, prompt_lengths=(9,), group_sizes=(6,))
+    policy = SharedPromptLogprobs(random_model("llama"))
+    with torch.no_grad():
+        policy(ids, attn, comp)
+    assert policy.computed_positions == real_positions(ids, attn, comp) == 9 + int(comp.sum()) - 6
