@@ -3,7 +3,8 @@ steps of the clipped surrogate + beta * k3 KL (grpo/loss.py), each over its shar
 micro-batches whose gradients add up to the whole mini-batch's: the loss is divided by the mini-batch's token
 count, fixed before the first backward (or by another normaliser: --loss_type). Also the learning-rate schedule.
 `policy` is a CompletionLogprobs, or with --shared_prompt a SharedPromptLogprobs, which runs each group's prompt
-once (grpo/shared_prefix.py): micro-batches keep a group's rows adjacent, as the rollout lays them out.
+once (grpo/shared_prefix.py): micro-batches keep a group's rows adjacent, and take groups in order of prompt length
+(by_prompt_length), so that little is computed on padding.
 
 Notation: N = B * G completions of the rollout (prompt-major), T = completion tokens.
 """
@@ -38,15 +39,25 @@ def lr_schedule(optimizer, kind: str, warmup_steps: int, total_steps: int, start
     return LambdaLR(optimizer, partial(lr_factor, kind, warmup_steps, total_steps), last_epoch=start_step - 1)
 
 
+def by_prompt_length(rollout: Rollout, rows: torch.Tensor) -> torch.Tensor:
+    """`rows` in order of prompt length, so that a micro-batch's groups pad their prompts to similar lengths. A
+    stable sort: a group's rows share a prompt length and stay together, in order. The gradient of an optimizer step
+    is a sum over its rows, so only rounding changes (except under bnpo's per-micro-batch normaliser or an entropy
+    quantile per micro-batch: the update keeps the rollout's order there)."""
+    T = rollout.completion_mask.shape[1]
+    return rows[torch.sort(rollout.attention_mask[rows, :-T].sum(1), stable=True).indices]
+
+
 @torch.no_grad()
 def rollout_logprobs(policy: CompletionLogprobs, rollout: Rollout, cfg, autocast) -> torch.Tensor:
     """log pi(token) for every completion token of the rollout, without gradients: (N, T), 0 off-mask."""
     out = torch.zeros(rollout.completion_mask.shape, device=rollout.input_ids.device)
-    for start in range(0, len(out), cfg.micro_batch_size):
-        mb = rollout.select(slice(start, start + cfg.micro_batch_size))
+    rows = by_prompt_length(rollout, torch.arange(len(out), device=out.device))
+    for micro in rows.split(cfg.micro_batch_size):
+        mb = rollout.select(micro)
         with autocast():
             logp, _ = policy(mb.input_ids, mb.attention_mask, mb.completion_mask, cfg.temperature)
-        out[start:start + len(logp), :logp.shape[1]] = logp
+        out[micro, :logp.shape[1]] = logp
     return out
 
 
@@ -68,6 +79,8 @@ def _policy_update(policy, optimizer, rollout: Rollout, advantages, old_logp, re
     # distributed: not with several ranks, which must all run the same micro-batches (FSDP communicates in each).
     skip_flat = (cfg.skip_zero_advantage and cfg.beta == 0 and cfg.entropy_coef == 0 and W == 1
                  and cfg.loss_type != "bnpo" and cfg.top_entropy_quantile == 1.0)
+    # micro-batches of similar prompt lengths; not where the loss depends on which rows share a micro-batch
+    regroup = cfg.loss_type != "bnpo" and cfg.top_entropy_quantile == 1.0
     keep = loss_mask(rollout.completion_mask, rollout.truncated, cfg.mask_truncated_completions)    # (N, T)
     totals = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0, "skipped": 0,
               "positions_computed": 0, "positions_real": 0}
@@ -80,6 +93,8 @@ def _policy_update(policy, optimizer, rollout: Rollout, advantages, old_logp, re
         step = StepCounts(n_tokens, len(rows) * W, len(rows.split(cfg.micro_batch_size)) * W, cfg.max_new_tokens)
         if skip_flat:
             rows = rows[advantages[rows] != 0] if (advantages[rows] != 0).any() else rows[:1]
+        if regroup:
+            rows = by_prompt_length(rollout, rows)
         micro_batches = rows.split(cfg.micro_batch_size)
         for i, micro in enumerate(micro_batches):
             mb = rollout.select(micro)

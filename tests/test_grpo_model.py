@@ -245,3 +245,17 @@ def test_skipping_zero_advantage_rows_changes_nothing(tiny):
     model.load_state_dict(start)
     for k in start:   # summation order differs between the two: agree to ~1e-7 on updates of ~1e-2
         torch.testing.assert_close(results[1][k], results[0][k], rtol=1e-4, atol=1e-6)
+
+
+def test_micro_batches_take_groups_in_order_of_prompt_length():
+    """Groups of 2 rows with prompts of 3, 1, 2 and 1 tokens: a stable sort keeps each group's rows together and in
+    order, shortest prompts first, ties in rollout order."""
+    from grpo.update import by_prompt_length
+    P, T = 3, 2
+    attn = torch.ones(8, P + T, dtype=torch.long)
+    for row, length in enumerate([3, 3, 1, 1, 2, 2, 1, 1]):
+        attn[row, :P - length] = 0
+    rollout = Rollout(torch.zeros(8, P + T, dtype=torch.long), attn, torch.ones(8, T, dtype=torch.bool),
+                      torch.zeros(8, dtype=torch.bool))
+    assert by_prompt_length(rollout, torch.arange(8)).tolist() == [2, 3, 6, 7, 4, 5, 0, 1]
+    assert by_prompt_length(rollout, torch.tensor([0, 1, 4, 5])).tolist() == [4, 5, 0, 1]
