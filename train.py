@@ -28,13 +28,13 @@ from data import build_prompts
 from grpo import checkpoint as ckpt
 from grpo import dist, lora, run
 from grpo.cli import config_json
-from grpo.config import Config, configure, fail, reward_weights
+from grpo.config import Config, configure, demo_spread, fail, reward_weights
 from grpo.evaluation import evaluate_heldout, evaluate_policy, heldout_config
 from grpo.guard import BadSteps, stop_non_finite
 from grpo.io import atomic_path, atomic_write_text
 from grpo.loss import group_advantages
 from grpo.model import bf16_autocast, check_model_source, load_model, load_tokenizer, set_checkpointing, use_bf16
-from grpo.report import StepLog, plot_rewards, step_metrics, trend
+from grpo.report import StepLog, plot_rewards, spread_line, step_metrics, trend
 from grpo.rollout import decode_completions, eos_token_ids, generate_rollout, pad_token_id
 from grpo.sft import sft_warm_start
 from grpo.shared_prefix import logprobs_module
@@ -207,6 +207,8 @@ def finish(cfg: Config, out: Path, paths: dict, saved_model, tokenizer, eval_ite
         models[f"warm start ({Path(paths['start']).name})"] = paths["start"]
     models[f"GRPO ({final.name})"] = str(final)
     exact = evaluate_heldout(cfg, models, eval_items, out / "eval", device, bf16)
+    if exact and (spread := demo_spread(cfg)):          # the demo's own recipe: is this run a typical one?
+        print(spread_line(exact, spread))
     plot = plot_rewards(out, exact)
     print(trend(out))
     print(f"\nnewest checkpoint: {final}\nmetrics: {out / 'metrics.jsonl'}"

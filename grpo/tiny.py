@@ -92,7 +92,7 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> PreTrainedT
 
 # The demo's model (`python train.py`): 0.7M parameters, the shape its hyperparameters were chosen with
 # (README, "The demo run"). The test suite keeps build_model's smaller, faster defaults.
-DEMO_MODEL = dict(hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=512)
+DEMO_MODEL = dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=512)
 
 
 def build_model(

@@ -113,6 +113,21 @@ def test_end_of_run_table_is_what_eval_py_reports(demo_run, tmp_path):
     assert ours[models[0]]["demo"]["num_items"] == 100
 
 
+def test_a_bare_demo_run_is_put_beside_the_demos_spread_over_seeds():
+    """The end-of-run line says whether the run is typical, for the demo's own recipe only (any seed, threads or
+    paths); a changed recipe gets no range."""
+    from grpo.config import DEMO_SPREAD, configure, demo_spread
+    from grpo.report import spread_line
+    assert demo_spread(configure(["--seed", "3", "--cpu_threads", "1", "--output_dir", "x"])) == DEMO_SPREAD
+    assert demo_spread(configure(["--sft_steps", "10"])) is None
+    assert demo_spread(configure(["--max_steps", "4"])) is None
+    (warm_lo, warm_hi), (final_lo, final_hi) = DEMO_SPREAD["warm start"], DEMO_SPREAD["GRPO"]
+    line = spread_line({"untrained (tiny-init)": 0.0, "warm start (sft-init)": warm_lo / 100,
+                        "GRPO (checkpoint-000030)": (final_hi + 1) / 100}, DEMO_SPREAD)
+    assert f"warm start {warm_lo:.1f}-{warm_hi:.1f}" in line and f"GRPO {final_lo:.1f}-{final_hi:.1f}" in line
+    assert line.endswith(f"warm start {warm_lo:.1f}, GRPO {final_hi + 1:.1f} (outside that range)")
+
+
 def test_lr_factor_warmup_then_decay():
     # warm-up 0, 1/2 over two steps; then cosine 1 -> 0 over the remaining four: cos(pi * k / 4)
     assert [update.lr_factor("cosine", 2, 6, s) for s in range(7)] == pytest.approx(
