@@ -178,10 +178,11 @@ def demo_spread(cfg: Config) -> dict[str, tuple[float, float]] | None:
 # (docs/REAL_MODEL.md). Raw, it never writes the format (no group has any variance: nothing for GRPO), so a
 # supervised warm start on ToolRL's SFT file, with the RL data's short placeholder thought, comes first; then GRPO
 # on the same file's prompts. Both use its "fit" part: "validation" is for choosing this recipe, test for the table.
+# One group per micro-batch: its prompt once and its completions end to end, no padding at all (grpo/shared_prefix.py).
 SMOLLM2_CPU_PRESET = dict(
     data="toolrl-sft", data_split="fit", sft_data="toolrl-sft", sft_placeholder_thought=True, eval_data="toolrl",
     prompts_per_step=4, num_generations=4, max_prompt_length=2048, max_new_tokens=160, temperature=1.0,
-    max_steps=20, steps_per_generation=1, micro_batch_size=8, learning_rate=1e-5, beta=0.0, entropy_coef=0.0,
+    max_steps=20, steps_per_generation=1, micro_batch_size=4, learning_rate=1e-5, beta=0.0, entropy_coef=0.0,
     gradient_checkpointing=False, bf16="true", sft_steps=48, sft_batch_size=4, sft_learning_rate=1e-4,
     sft_lr_scheduler_type="linear", save_every=5, eval_every=0, log_samples_every=5, cpu_threads=2,
 )
