@@ -118,7 +118,8 @@ def test_a_bare_demo_run_is_put_beside_the_demos_spread_over_seeds():
     paths); a changed recipe gets no range."""
     from grpo.config import DEMO_SPREAD, configure, demo_spread
     from grpo.report import spread_line
-    assert demo_spread(configure(["--seed", "3", "--cpu_threads", "1", "--output_dir", "x"])) == DEMO_SPREAD
+    assert demo_spread(configure(["--seed", "3", "--cpu_threads", "1", "--output_dir", "x", "--shared_prompt",
+                                  "false"])) == DEMO_SPREAD
     assert demo_spread(configure(["--sft_steps", "10"])) is None
     assert demo_spread(configure(["--max_steps", "4"])) is None
     (warm_lo, warm_hi), (final_lo, final_hi) = DEMO_SPREAD["warm start"], DEMO_SPREAD["GRPO"]
