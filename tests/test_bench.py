@@ -94,8 +94,12 @@ def test_compiled_static_cache_generation(sharp_tiny, one_thread):
     model, tok, prompts = sharp_tiny
     kwargs = dict(num_generations=2, max_new_tokens=12, temperature=0.0, eos_ids=[222, 1252, 833, 1200],
                   pad_id=R.pad_token_id(tok), batch_size=4)
+    batches = prompts[1:3], prompts[2:4]
+    longest = [max(len(p) for p in batch) for batch in batches]
+    cache = [1 << (n + kwargs["max_new_tokens"] - 1).bit_length() for n in longest]   # grpo/rollout.py's rounding
+    assert longest[0] != longest[1] and cache[0] == cache[1]                # the case this test is about
     torch._dynamo.reset()
-    for i, batch in enumerate((prompts[1:3], prompts[3:5])):   # longest prompt 11, then 18 tokens: cache 32 both times
+    for i, batch in enumerate(batches):
         eager = R.generate_rollout(model, batch, **kwargs)
         compiled = R.generate_rollout(model, batch, compile=True, **kwargs)
         width = max(eager.completion_mask.shape[1], compiled.completion_mask.shape[1])
