@@ -31,6 +31,7 @@ train split's; only those targets differ from the gold ones.
 """
 from __future__ import annotations
 
+import functools
 import json
 import random
 from dataclasses import dataclass
@@ -334,19 +335,24 @@ def demo_rows(split: str, seed: int = DEMO_SEED) -> list[dict]:
     """
     if split not in SPLIT_SIZES:
         raise ValueError(f"the demo set has splits {list(SPLIT_SIZES)}, not {split!r}")
+    start = 0
+    for name, size in SPLIT_SIZES.items():
+        if name == split:
+            return [dict(row) for row in unique_rows(seed, sum(SPLIT_SIZES.values()))[start:start + size]]
+        start += size
+
+
+@functools.lru_cache(maxsize=4)     # a run reads the splits several times (data, warm start, tokenizer)
+def unique_rows(seed: int, count: int) -> tuple[dict, ...]:
     rng = random.Random(seed)
     rows, seen = [], set()
-    while len(rows) < sum(SPLIT_SIZES.values()):
+    while len(rows) < count:
         row = sample_row(rng)
         key = (row["system"], row["user"])
         if key not in seen:
             seen.add(key)
             rows.append(row)
-    start = 0
-    for name, size in SPLIT_SIZES.items():
-        if name == split:
-            return rows[start:start + size]
-        start += size
+    return tuple(rows)
 
 
 def teacher_rows(seed: int = DEMO_SEED) -> list[dict]:

@@ -18,13 +18,10 @@ def build_prompts(tokenizer, examples: list[Example], max_prompt_tokens: int) ->
     num_truncated: how many prompts lost tokens from their start
     """
     assert max_prompt_tokens > 0, f"max_prompt_tokens must be positive, got {max_prompt_tokens}"
-    prompt_ids, num_truncated = [], 0
-    for example in examples:
-        text = tokenizer.apply_chat_template(example.messages, tokenize=False, add_generation_prompt=True)
-        # the template already wrote any BOS it wants; adding special tokens again would double it
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) > max_prompt_tokens:
-            ids = ids[-max_prompt_tokens:]
-            num_truncated += 1
-        prompt_ids.append(ids)
-    return prompt_ids, num_truncated
+    texts = [tokenizer.apply_chat_template(example.messages, tokenize=False, add_generation_prompt=True)
+             for example in examples]
+    # the template already wrote any BOS it wants; adding special tokens again would double it. One batched call:
+    # the fast tokenizer encodes a list on all cores
+    prompt_ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    num_truncated = sum(len(ids) > max_prompt_tokens for ids in prompt_ids)
+    return [ids[-max_prompt_tokens:] for ids in prompt_ids], num_truncated
