@@ -237,6 +237,12 @@ def _sample_group(model, ids: torch.Tensor, mask: torch.Tensor, G: int, config: 
     return out[:, :done]
 
 
+def static_cache_length(prompt_length: int, max_new_tokens: int) -> int:
+    """--compile_generation's KV-cache length: prompt + completion rounded up to a power of two, so that batches
+    of nearby prompt lengths share one compiled graph."""
+    return 1 << (prompt_length + max_new_tokens - 1).bit_length()
+
+
 def _sample_compiled(model, ids: torch.Tensor, mask: torch.Tensor, G: int, config: GenerationConfig,
                      pad_id: int, guard: LogitsProcessorList) -> torch.Tensor:
     """G completions for each of b prompts from one `generate` call on a static KV cache, whose decode step
@@ -249,7 +255,7 @@ def _sample_compiled(model, ids: torch.Tensor, mask: torch.Tensor, G: int, confi
     """
     static = copy.copy(config)
     static.cache_implementation = "static"
-    static.max_cache_len = 1 << (ids.shape[1] + config.max_new_tokens - 1).bit_length()
+    static.max_cache_len = static_cache_length(ids.shape[1], config.max_new_tokens)
     static.compile_config = CompileConfig(dynamic=False)
     static.compile_config._compile_all_devices = True       # HF compiles only on accelerators unless told
     full = model.generate(input_ids=ids.repeat_interleave(G, dim=0), attention_mask=mask.repeat_interleave(G, dim=0),

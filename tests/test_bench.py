@@ -96,7 +96,7 @@ def test_compiled_static_cache_generation(sharp_tiny, one_thread):
                   pad_id=R.pad_token_id(tok), batch_size=4)
     batches = prompts[1:3], prompts[2:4]
     longest = [max(len(p) for p in batch) for batch in batches]
-    cache = [1 << (n + kwargs["max_new_tokens"] - 1).bit_length() for n in longest]   # grpo/rollout.py's rounding
+    cache = [R.static_cache_length(n, kwargs["max_new_tokens"]) for n in longest]
     assert longest[0] != longest[1] and cache[0] == cache[1]                # the case this test is about
     torch._dynamo.reset()
     for i, batch in enumerate(batches):
