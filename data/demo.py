@@ -25,7 +25,7 @@ Validation is for choosing hyperparameters; test is only for the final numbers.
 
 `teacher_rows()` ("demo-sft", the demo run's warm-start data) is the train split answered by an
 imperfect teacher, as supervised data are often another model's outputs. Its one habit comes from
-OpenAI's function-calling format: in half of the rows that call tools it writes `"arguments"` where
+OpenAI's function-calling format: in 70% of the rows that call tools it writes `"arguments"` where
 ToolRL's format has `"parameters"`, so those calls score the minimum correctness. The prompts are the
 train split's; only those targets differ from the gold ones.
 """
@@ -39,8 +39,8 @@ from dataclasses import dataclass
 DEMO_SEED = 0
 NUM_TEST = 100
 NUM_VALIDATION = 100
-# about as many prompts as the demo's warm start has examples (600 steps x 16), so it sees each about once: at 2,000
-# (each seen ~5 times) whether the tiny model learned to copy values at all depended on the seed (docs/DEMO.md)
+# the demo's warm start (1,600 steps x 16) sees each prompt about 2.5 times: with 2,000 prompts seen 5 times in 600
+# steps, whether the tiny model learned to copy values at all depended on the seed (docs/DEMO.md)
 NUM_TRAIN = 10000
 SPLIT_SIZES = {"test": NUM_TEST, "validation": NUM_VALIDATION, "train": NUM_TRAIN}   # in the order drawn
 
@@ -49,8 +49,9 @@ TWO_CALL_FRACTION = 0.2
 NO_TOOL_FRACTION = 0.1
 # At most this many parameters over all listed tools: keeps every prompt short (see module doc).
 MAX_LISTED_PARAMS = 5
-# The teacher of "demo-sft" (teacher_rows): the fraction of its tool-calling rows that say "arguments".
-TEACHER_HABIT_FRACTION = 0.5
+# The teacher of "demo-sft" (teacher_rows): the fraction of its tool-calling rows that say "arguments". A majority, so
+# every warm start keeps the habit under greedy decoding and GRPO has it to drop (at 0.5 that was a coin flip per seed)
+TEACHER_HABIT_FRACTION = 0.7
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ def load_examples(source: str, split: str | None = None, skip_bad_rows: bool = F
     an imperfect teacher's targets, data/demo.py).
 
     Every row is checked (fields and types, and the ground truth's `<tool_call>` block parses), except
-    demo-sft's, whose targets are the teacher's (half of their calls say "arguments"), not ground truths.
+    demo-sft's, whose targets are the teacher's (70% of their calls say "arguments"), not ground truths.
     A bad row raises ValueError naming the file, where the row is (the 1-based line of a .jsonl file, the
     1-based row of a .json list or .parquet table) and the problem; with `skip_bad_rows=True` (train.py's and
     eval.py's --skip_bad_rows) bad rows are dropped instead and listed on stdout. A file with no rows is an

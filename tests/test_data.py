@@ -183,7 +183,7 @@ def test_demo_values_are_copied_from_the_request():
                 assert (f'"{value}"' if isinstance(value, str) else f" {value}") in row["user"], (value, row["user"])
 
 
-def test_demo_sft_is_the_train_split_with_the_teachers_habit_in_half_the_calls():
+def test_demo_sft_is_the_train_split_with_the_teachers_habit_in_most_calls():
     train, taught = load_examples("demo", split="train"), load_examples("demo-sft")
     assert [e.messages for e in taught] == [e.messages for e in train]      # the same prompts, never held-out ones
     habit = 0
@@ -193,7 +193,7 @@ def test_demo_sft_is_the_train_split_with_the_teachers_habit_in_half_the_calls()
             assert teacher.ground_truth == gold.ground_truth.replace('"parameters": ', '"arguments": ')
             assert teacher.ground_truth.count('"arguments": ') == len(calls) > 0
             habit += 1
-    assert 0.45 < habit / sum("<tool_call>" in e.ground_truth for e in train) < 0.55
+    assert 0.65 < habit / sum("<tool_call>" in e.ground_truth for e in train) < 0.75     # TEACHER_HABIT_FRACTION
     assert load_examples("demo-sft") == taught
     with pytest.raises(ValueError, match="'demo-sft' is one split"):
         load_examples("demo-sft", split="train")
