@@ -193,7 +193,7 @@ def test_demo_sft_is_the_train_split_with_the_teachers_habit_in_most_calls():
             assert teacher.ground_truth == gold.ground_truth.replace('"parameters": ', '"arguments": ')
             assert teacher.ground_truth.count('"arguments": ') == len(calls) > 0
             habit += 1
-    assert 0.65 < habit / sum("<tool_call>" in e.ground_truth for e in train) < 0.75     # TEACHER_HABIT_FRACTION
+    assert abs(habit / sum("<tool_call>" in e.ground_truth for e in train) - demo.TEACHER_HABIT_FRACTION) < 0.05
     assert load_examples("demo-sft") == taught
     with pytest.raises(ValueError, match="'demo-sft' is one split"):
         load_examples("demo-sft", split="train")
