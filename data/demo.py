@@ -39,8 +39,8 @@ from dataclasses import dataclass
 DEMO_SEED = 0
 NUM_TEST = 100
 NUM_VALIDATION = 100
-# the demo's warm start (2,400 steps x 16) sees each prompt about 3.8 times: with 2,000 prompts seen 5 times in 600
-# steps, whether the tiny model learned to copy values at all depended on the seed (docs/DEMO.md)
+# the demo's warm start (TINY_PRESET's sft_steps x sft_batch_size) sees each prompt a few times: with 2,000 prompts
+# seen 5 times in 600 steps, whether the tiny model learned to copy values at all depended on the seed (docs/DEMO.md)
 NUM_TRAIN = 10000
 SPLIT_SIZES = {"test": NUM_TEST, "validation": NUM_VALIDATION, "train": NUM_TRAIN}   # in the order drawn
 
