@@ -2,6 +2,7 @@
 
     python bench/variants.py runs/grpo                         # after `python train.py` wrote runs/grpo
     python bench/variants.py runs/grpo --only grpo,sequence    # some of them (names below)
+    python bench/variants.py runs/grpo -- --cpu_threads 1      # any train.py flags after `--`
 
 Takes a finished train.py run with a warm start (sft-init/) and runs its GRPO steps again from that warm start
 once per variant of grpo/loss.py's table, with every other value of the run's train_config.json (so: the same
@@ -33,10 +34,12 @@ VARIANTS = {
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    own, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("run", help="output directory of a finished train.py run with --sft_steps > 0")
     parser.add_argument("--only", default="", help=f"comma-separated variants of: {', '.join(VARIANTS)}")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(own)
     run = Path(args.run)
     if not (run / "train_config.json").is_file() or not (run / "sft-init").is_dir():
         raise SystemExit(f"{run}: not a finished train.py run with a warm start (needs train_config.json and sft-init/)")
@@ -47,7 +50,7 @@ def main(argv=None):
     for name in names:
         out = run / "variants" / name.split(" ")[0]
         train.main(["--config", str(run / "train_config.json"), "--model", str(run / "sft-init"), "--sft_steps", "0",
-                    "--output_dir", str(out), "--overwrite_output_dir", *VARIANTS[name]])
+                    "--output_dir", str(out), "--overwrite_output_dir", *VARIANTS[name], *extra])
         results = json.loads((out / "eval" / "summary.json").read_text())["results"]
         final = [r for model, r in results.items() if "checkpoint-" in model][0]
         exact = next(iter(final.values()))["exact_match"]

@@ -328,6 +328,20 @@ def test_ctrl_c_ends_with_one_line_that_says_how_to_continue(tmp_path):
     assert not list(tmp_path.glob(".tmp-*"))
 
 
+def test_variants_bench_reruns_grpo_from_the_warm_start_with_extra_flags(demo_run, tmp_path, capsys):
+    import variants
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run)
+    variants.main([str(run), "--only", "grpo", "--", "--max_steps", "1"])
+    out = run / "variants" / "grpo"
+    saved = json.loads((out / "train_config.json").read_text())
+    assert (saved["loss_type"], saved["max_steps"], saved["sft_steps"]) == ("grpo", 1, 0)
+    assert saved["model"] == str(run / "sft-init")
+    assert capsys.readouterr().out.splitlines()[-1].startswith("| grpo | `--loss_type grpo` | ")
+    with pytest.raises(SystemExit, match="unknown variant"):
+        variants.main([str(run), "--only", "nope"])
+
+
 def test_report_redraws_any_run(demo_run):
     result = subprocess.run([sys.executable, "-m", "grpo.report", str(demo_run)], cwd=REPO, capture_output=True,
                             text=True, timeout=120)
