@@ -161,9 +161,10 @@ TINY_PRESET = dict(
 )
 
 
-# What a bare `python train.py` scores over seeds 42, 1, 2, 3 and 4 (bench/seeds.py; docs/DEMO.md): exact match on
-# the demo's test split, lowest and highest. Float sums differ between CPUs and thread counts, and a tiny model's
-# trajectory amplifies that, so a newcomer's digits differ from the README's; these ranges say what is typical.
+# What a bare `python train.py` scores over seeds 42, 1, 2, 3 and 4 at 1 and 2 threads (the same digits at both;
+# bench/seeds.py, docs/DEMO.md): exact match on the demo's test split, lowest and highest. Float sums differ between
+# CPUs, and a tiny model's trajectory amplifies that, so a newcomer's digits differ from the README's; these ranges
+# say what is typical.
 DEMO_SPREAD = {"warm start": (0.00, 0.00), "GRPO": (57.14, 82.42)}
 # what may differ from the demo's recipe and leave DEMO_SPREAD its range: the seed, where files go, threads, logging,
 # and the speed knobs that change rounding only (which is what the spread is made of)

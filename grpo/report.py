@@ -103,11 +103,12 @@ def spread_line(exact: dict[str, float], spread: dict[str, tuple[float, float]])
     """This run's exact match beside the range the same recipe reached over seeds. exact: {model label: fraction}
     (labels begin with "warm start" or "GRPO"); spread: {"warm start": (lo, hi), "GRPO": (lo, hi)} in percent."""
     ours = {kind: 100 * value for label, value in exact.items() for kind in spread if label.startswith(kind)}
-    typical = ", ".join(f"{kind} {lo:.1f}-{hi:.1f}" for kind, (lo, hi) in spread.items())
+    typical = ", ".join(f"{kind} {lo:.1f}" + (f"-{hi:.1f}" if hi > lo else " on every seed")
+                        for kind, (lo, hi) in spread.items())
     this = ", ".join(f"{kind} {ours[kind]:.1f}" + ("" if lo <= ours[kind] <= hi else " (outside that range)")
                      for kind, (lo, hi) in spread.items())
-    return (f"over seeds 42, 1, 2, 3 and 4 this recipe scored {typical} exact match (the digits depend on the CPU: "
-            f"docs/DEMO.md); this run: {this}")
+    return (f"over seeds 42, 1, 2, 3 and 4, at 1 and 2 threads, this recipe scored {typical} exact match (the digits "
+            f"depend on the CPU: docs/DEMO.md); this run: {this}")
 
 
 def plot_rewards(out: Path, heldout: dict[str, float] | None = None) -> Path | None:

@@ -125,7 +125,10 @@ def test_a_bare_demo_run_is_put_beside_the_demos_spread_over_seeds():
     (warm_lo, warm_hi), (final_lo, final_hi) = DEMO_SPREAD["warm start"], DEMO_SPREAD["GRPO"]
     line = spread_line({"untrained (tiny-init)": 0.0, "warm start (sft-init)": warm_lo / 100,
                         "GRPO (checkpoint-000030)": (final_hi + 1) / 100}, DEMO_SPREAD)
-    assert f"warm start {warm_lo:.1f}-{warm_hi:.1f}" in line and f"GRPO {final_lo:.1f}-{final_hi:.1f}" in line
+    assert f"GRPO {final_lo:.1f}-{final_hi:.1f}" in line
+    assert f"warm start {warm_lo:.1f}" + (f"-{warm_hi:.1f}" if warm_hi > warm_lo else " on every seed,") in line
+    assert "warm start 0.0 on every seed, GRPO 1.0-2.0" in spread_line({"warm start": 0.0, "GRPO": 0.015},
+                                                                       {"warm start": (0, 0), "GRPO": (1, 2)})
     assert line.endswith(f"warm start {warm_lo:.1f}, GRPO {final_hi + 1:.1f} (outside that range)")
 
 
