@@ -1,6 +1,6 @@
 """Train a causal LM to call tools with GRPO and ToolRL's reward (Qian et al. 2025).
 
-    python train.py                                    # tiny local model on the demo set: CPU, about 11 minutes
+    python train.py                                    # tiny local model on the demo set: CPU, about 6 minutes
     python train.py --model Qwen2.5-1.5B-Instruct      # the paper's recipe on its ToolRL data, one GPU
     python train.py --model SmolLM2-135M-Instruct      # a real model on 2 CPU cores, ~50 minutes (docs/REAL_MODEL.md)
     torchrun --nproc_per_node 8 train.py --model Qwen2.5-7B-Instruct --fsdp   # data-parallel (grpo/dist.py)

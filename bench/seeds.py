@@ -1,6 +1,6 @@
 """The demo over seeds and thread counts: what a newcomer's `python train.py` will print, as a range.
 
-    python bench/seeds.py                                  # seeds 1-5 at 2 threads, then at 1 thread (~2.5 hours)
+    python bench/seeds.py                                  # seeds 1-5 at 2 threads, then at 1 thread (~1.5 hours)
     python bench/seeds.py --seeds 1,2,3 --threads 2 -- --sft_steps 400    # any train.py flags after `--`
 
 Each run is a fresh `python train.py --seed S --cpu_threads N` process (its wall time is the newcomer's), into
