@@ -1,5 +1,6 @@
-"""What bench_grpo.py and memory.py share: the model architectures they build, and how a phase's peak memory is
-read (CUDA's allocator, or the process's resident memory on a CPU)."""
+"""What the benches share: the model architectures bench_grpo.py and memory.py build, how a phase's peak memory is
+read (CUDA's allocator, or the process's resident memory on a CPU), and how seeds.py and variants.py take train.py
+flags after `--`."""
 import resource
 from pathlib import Path
 
@@ -48,3 +49,11 @@ def process_peak_gb(device: str) -> float:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def split_train_flags(argv: list[str]) -> tuple[list[str], list[str]]:
+    """A bench's own arguments, and the train.py flags after `--` (none without it)."""
+    if "--" not in argv:
+        return argv, []
+    i = argv.index("--")
+    return argv[:i], argv[i + 1:]

@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import split_train_flags  # noqa: E402
 from grpo.checkpoint import list_checkpoints  # noqa: E402
 from grpo.config import saved_config  # noqa: E402
 from grpo.evaluation import evaluate, heldout_config  # noqa: E402
@@ -51,7 +52,7 @@ def one_run(out: Path, seed: int, threads: int, extra: list[str]) -> dict:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    own, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    own, extra = split_train_flags(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--seeds", default="1,2,3,4,5")
     parser.add_argument("--threads", default="2,1", help="comma-separated --cpu_threads values")

@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train  # noqa: E402
+from common import split_train_flags  # noqa: E402
 from data.jsonl import read_jsonl  # noqa: E402
 
 # name -> the flags that make the variant (the defaults: TRL's dapo aggregation, token-level ratio)
@@ -35,7 +36,7 @@ VARIANTS = {
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    own, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    own, extra = split_train_flags(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("run", help="output directory of a finished train.py run with --sft_steps > 0")
     parser.add_argument("--only", default="", help=f"comma-separated variants of: {', '.join(VARIANTS)}")
