@@ -271,7 +271,7 @@ def format_tool(letter: str, tool: Tool) -> str:
 
 
 def system_prompt(tools: list[Tool]) -> str:
-    return SYSTEM_TEMPLATE.format(tools="\n".join(format_tool("ABC"[i], t) for i, t in enumerate(tools)))
+    return SYSTEM_TEMPLATE.format(tools="\n".join(format_tool(chr(ord("A") + i), t) for i, t in enumerate(tools)))
 
 
 def user_turn(request: str) -> str:
